@@ -1,0 +1,135 @@
+"""The :class:`Source` contract every reader implements, and the in-memory source.
+
+A source is one dataset: ``n_cells`` x ``n_genes`` counts, read as contiguous row blocks.
+Readers do I/O only; no normalisation or other math happens here.
+"""
+
+from __future__ import annotations
+
+import abc
+
+import numpy as np
+import scipy.sparse as sp
+
+from .._errors import InputError
+
+
+class Source(abc.ABC):
+    """One dataset, cells x genes, read in contiguous row blocks.
+
+    Attributes
+    ----------
+    name : str
+        Dataset name (file stem, batch category, ...).
+    var_names : ndarray of str, shape (n_genes,)
+    obs_names : ndarray of str, shape (n_cells,)
+    """
+
+    name: str
+
+    @property
+    @abc.abstractmethod
+    def n_cells(self) -> int: ...
+
+    @property
+    @abc.abstractmethod
+    def var_names(self) -> np.ndarray: ...
+
+    @property
+    @abc.abstractmethod
+    def obs_names(self) -> np.ndarray: ...
+
+    @property
+    def n_genes(self) -> int:
+        return len(self.var_names)
+
+    @abc.abstractmethod
+    def read_block(self, start: int, stop: int) -> sp.csr_matrix:
+        """Rows ``start:stop`` as canonical CSR float32 of shape (stop - start, n_genes).
+
+        Only those rows are read from disk.
+        """
+
+    def iter_blocks(self, block_size: int):
+        """Yield ``(start, stop, block)`` over all cells in order."""
+        for start in range(0, self.n_cells, block_size):
+            stop = min(start + block_size, self.n_cells)
+            yield start, stop, self.read_block(start, stop)
+
+    def close(self) -> None:  # noqa: B027 - optional for in-memory sources
+        """Release file handles."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(name={self.name!r}, n_cells={self.n_cells}, n_genes={self.n_genes})"
+
+
+def _check_range(source: Source, start: int, stop: int) -> None:
+    if not (0 <= start <= stop <= source.n_cells):
+        msg = f"{source.name}: block {start}:{stop} is outside 0:{source.n_cells}"
+        raise IndexError(msg)
+
+
+class MemorySource(Source):
+    """A source over an in-memory matrix (scipy sparse or numpy), cells x genes.
+
+    Values are checked once here (finite, non-negative) so the engine never sees bad data.
+    """
+
+    def __init__(self, X, *, name: str = "dataset", var_names=None, obs_names=None, check: bool = True):
+        if sp.issparse(X):
+            X = sp.csr_matrix(X, dtype=np.float32)
+        else:
+            X = np.asarray(X)
+            if X.ndim != 2:
+                msg = f"{name}: expected a 2-D cells x genes matrix, found {X.ndim} dimension(s)"
+                raise InputError(msg)
+            if not np.issubdtype(X.dtype, np.number) or np.issubdtype(X.dtype, np.complexfloating):
+                msg = f"{name}: expected numeric values, found dtype {X.dtype}"
+                raise InputError(msg)
+            X = sp.csr_matrix(X.astype(np.float32, copy=False))
+        X.sum_duplicates()
+        X.sort_indices()
+        if check:
+            check_values(X.data, name)
+        self._X = X
+        self.name = str(name)
+        n, m = X.shape
+        self._var = np.asarray(var_names if var_names is not None else [f"gene{i}" for i in range(m)], dtype=object).astype(str)
+        self._obs = np.asarray(obs_names if obs_names is not None else [f"{self.name}_{i}" for i in range(n)], dtype=object).astype(str)
+        if len(self._var) != m or len(self._obs) != n:
+            msg = f"{name}: names do not match the matrix shape {X.shape}"
+            raise InputError(msg)
+
+    @property
+    def n_cells(self) -> int:
+        return self._X.shape[0]
+
+    @property
+    def var_names(self) -> np.ndarray:
+        return self._var
+
+    @property
+    def obs_names(self) -> np.ndarray:
+        return self._obs
+
+    def read_block(self, start: int, stop: int) -> sp.csr_matrix:
+        _check_range(self, start, stop)
+        return self._X[start:stop]
+
+
+def check_values(values: np.ndarray, name: str) -> None:
+    """Raise :class:`InputError` if ``values`` has NaN/inf or negative entries."""
+    if values.size == 0:
+        return
+    if not np.isfinite(values).all():
+        msg = f"{name}: expected finite counts, found NaN or infinite values"
+        raise InputError(msg)
+    if values.min() < 0:
+        msg = f"{name}: expected non-negative counts, found a minimum of {values.min():g}"
+        raise InputError(msg)

@@ -1,0 +1,36 @@
+import os
+from pathlib import Path
+
+# Cap BLAS threads before numpy loads: CI has 2 cores and tests run in one process.
+for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS"):
+    os.environ.setdefault(var, "1")
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _shared_data() -> Path:
+    env = os.environ.get("ONLINEMF_SHARED_DATA")
+    if env:
+        return Path(env)
+    for cand in (REPO.parent / "shared" / "data", REPO / "data" / "shared"):
+        if cand.is_dir():
+            return cand
+    return REPO.parent / "shared" / "data"
+
+
+SHARED = _shared_data()
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """Folder with the real datasets (../shared/data); tests needing it skip if absent."""
+    if not SHARED.is_dir():
+        pytest.skip(f"shared data not found at {SHARED}")
+    return SHARED
+
+
+@pytest.fixture(scope="session")
+def demo_data() -> Path:
+    return REPO / "data"
