@@ -1,5 +1,33 @@
 """Readers: stream cells x genes row blocks from .h5ad, 10x .h5 and in-memory data."""
 
 from ._base import MemorySource, Source, check_values
+from ._h5ad import H5adSource
+from ._open import (
+    BATCH_KEY_CANDIDATES,
+    as_source,
+    describe,
+    file_format,
+    guess_batch_key,
+    open_source,
+    open_sources,
+    read_obs,
+    shared_genes,
+)
+from ._tenx import TenxH5Source
 
-__all__ = ["MemorySource", "Source", "check_values"]
+__all__ = [
+    "BATCH_KEY_CANDIDATES",
+    "H5adSource",
+    "MemorySource",
+    "Source",
+    "TenxH5Source",
+    "as_source",
+    "check_values",
+    "describe",
+    "file_format",
+    "guess_batch_key",
+    "open_source",
+    "open_sources",
+    "read_obs",
+    "shared_genes",
+]

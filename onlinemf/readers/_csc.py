@@ -1,0 +1,142 @@
+"""One-off conversion of an on-disk CSC matrix to a temporary CSR HDF5 file, in bounded memory.
+
+Row blocks of a CSC matrix touch every column, so streaming cells from it directly would re-read
+the whole file per block. Instead we pass over the columns once in blocks of about
+``SPAN_VALUES`` stored values, append each block's entries to per-row-chunk buckets on disk, then
+turn each bucket into CSR rows. Memory stays near one column block plus one row chunk.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import shutil
+import tempfile
+import weakref
+from pathlib import Path
+
+import h5py
+import numpy as np
+import scipy.sparse as sp
+
+from ._rows import SPAN_VALUES, CsrRows
+
+logger = logging.getLogger(__name__)
+
+
+def _column_blocks(colptr: np.ndarray, budget: int):
+    """Yield ``(c0, c1)`` column ranges holding about ``budget`` stored values each (at least one column)."""
+    n_cols = len(colptr) - 1
+    c0 = 0
+    while c0 < n_cols:
+        c1 = int(np.searchsorted(colptr, colptr[c0] + budget, side="right")) - 1
+        c1 = min(max(c1, c0 + 1), n_cols)
+        yield c0, c1
+        c0 = c1
+
+
+def _appendable(group: h5py.Group, name: str, dtype) -> h5py.Dataset:
+    return group.create_dataset(name, shape=(0,), maxshape=(None,), dtype=dtype, chunks=(1 << 16,))
+
+
+def _append(dataset: h5py.Dataset, values: np.ndarray) -> None:
+    n = dataset.shape[0]
+    dataset.resize((n + len(values),))
+    dataset[n:] = values
+
+
+def convert_csc(group: h5py.Group, shape: tuple[int, int], out_path: Path, *, progress=None, budget: int = SPAN_VALUES) -> None:
+    """Write the CSC ``group`` (``data``, ``indices`` = row ids, ``indptr`` per column) of ``shape``
+    (n_rows, n_cols) as CSR float32 datasets ``data``/``indices``/``indptr`` in a new file ``out_path``.
+
+    ``progress(done, total)``, if given, is called after each of the ``total`` steps.
+    Values are copied as float32 without checks (the reader checks every block it serves).
+    """
+    n_rows, n_cols = shape
+    colptr = np.asarray(group["indptr"][()], dtype=np.int64)
+    data, row_ids = group["data"], group["indices"]
+    nnz = int(colptr[-1])
+    rows_per_chunk = max(1, math.ceil(n_rows * budget / max(1, nnz)))
+    chunk_starts = np.arange(0, n_rows, rows_per_chunk)
+    col_blocks = list(_column_blocks(colptr, budget))
+    total, done = len(col_blocks) + len(chunk_starts), 0
+    # Buckets live in their own file, deleted at the end: HDF5 does not reclaim deleted space.
+    bucket_path = out_path.with_name(out_path.name + ".buckets")
+    with h5py.File(bucket_path, "w") as buckets, h5py.File(out_path, "w") as out:
+        triplets = [
+            tuple(_appendable(buckets, f"{i}/{kind}", dt) for kind, dt in (("row", np.int32), ("col", np.int32), ("val", np.float32)))
+            for i in range(len(chunk_starts))
+        ]
+        for c0, c1 in col_blocks:
+            first, last = int(colptr[c0]), int(colptr[c1])
+            block = sp.csc_matrix(
+                (np.asarray(data[first:last]).astype(np.float32), np.asarray(row_ids[first:last]), colptr[c0 : c1 + 1] - first),
+                shape=(n_rows, c1 - c0),
+            ).tocoo()
+            which = block.row // rows_per_chunk
+            order = np.argsort(which, kind="stable")
+            bounds = np.searchsorted(which[order], np.arange(len(chunk_starts) + 1))
+            for i, (b0, b1) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
+                if b1 > b0:
+                    sel = order[b0:b1]
+                    _append(triplets[i][0], (block.row[sel] - chunk_starts[i]).astype(np.int32))
+                    _append(triplets[i][1], (block.col[sel] + c0).astype(np.int32))
+                    _append(triplets[i][2], block.data[sel])
+            done += 1
+            if progress is not None:
+                progress(done, total)
+        out_data, out_indices = _appendable(out, "data", np.float32), _appendable(out, "indices", np.int32)
+        indptr = np.zeros(n_rows + 1, dtype=np.int64)
+        for i, r0 in enumerate(chunk_starts):
+            r1 = min(r0 + rows_per_chunk, n_rows)
+            row, col, val = (ds[()] for ds in triplets[i])
+            chunk = sp.coo_matrix((val, (row, col)), shape=(r1 - r0, n_cols)).tocsr()
+            chunk.sum_duplicates()
+            indptr[r0 + 1 : r1 + 1] = indptr[r0] + chunk.indptr[1:]
+            _append(out_data, chunk.data)
+            _append(out_indices, chunk.indices.astype(np.int32))
+            done += 1
+            if progress is not None:
+                progress(done, total)
+        out.create_dataset("indptr", data=indptr)
+    bucket_path.unlink()
+
+
+def _remove(h5: h5py.File, folder: str) -> None:
+    try:
+        h5.close()
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+class ConvertedCsc:
+    """A temporary CSR copy of a CSC element, shared by the sources split from one file.
+
+    The temporary folder is removed when the last user calls :meth:`release` (or at garbage
+    collection / interpreter exit, whichever comes first).
+    """
+
+    def __init__(self, group: h5py.Group, shape: tuple[int, int], *, tmp_dir=None, progress=None):
+        folder = tempfile.mkdtemp(prefix="onlinemf-csr-", dir=tmp_dir)
+        try:
+            path = Path(folder) / "X.csr.h5"
+            logger.info("converting CSC %s%s %s to a temporary CSR file in %s", group.file.filename, group.name, shape, folder)
+            convert_csc(group, shape, path, progress=progress)
+            self._h5 = h5py.File(path, "r")
+        except BaseException:
+            shutil.rmtree(folder, ignore_errors=True)
+            raise
+        self.folder = folder
+        self.rows = CsrRows(self._h5["data"], self._h5["indices"], self._h5["indptr"], shape)
+        self.rows.dtype = group["data"].dtype  # report the source dtype, not the copy's
+        self._users = 1
+        self._finalizer = weakref.finalize(self, _remove, self._h5, folder)
+
+    def acquire(self) -> ConvertedCsc:
+        self._users += 1
+        return self
+
+    def release(self) -> None:
+        self._users -= 1
+        if self._users <= 0:
+            self._finalizer()

@@ -1,0 +1,176 @@
+"""Low-level HDF5 helpers shared by the readers: opening with clear errors, format detection,
+string and obs-column decoding across anndata on-disk layouts (0.6 to 0.13), unique names."""
+
+from __future__ import annotations
+
+import collections
+import logging
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pandas as pd
+
+from .._errors import InputError
+
+logger = logging.getLogger(__name__)
+
+FORMATS = ("h5ad", "10x-v3", "10x-v2")
+
+
+def open_h5(path) -> h5py.File:
+    """Open ``path`` read-only, turning every way it can fail into one-line :class:`InputError`.
+
+    HDF5's default file locking is kept on purpose: read-only opens take a shared lock, so several
+    processes can read one file at once, and HDF5 refuses to reopen an already open file with
+    different locking flags, which would break ``anndata.read_h5ad`` on the same file in-process.
+    Set ``HDF5_USE_FILE_LOCKING=FALSE`` on file systems without locks.
+    """
+    path = Path(path)
+    if not path.exists():
+        msg = f"{path}: file not found"
+        raise InputError(msg)
+    if path.is_dir():
+        msg = f"{path}: expected an HDF5 file (.h5ad or 10x .h5), found a directory (zarr stores are not supported)"
+        raise InputError(msg)
+    try:
+        return h5py.File(path, "r")
+    except OSError as exc:
+        text = str(exc)
+        if "truncated" in text:
+            msg = f"{path}: the HDF5 file is truncated (incomplete download or copy?): {text}"
+        elif "signature" in text:
+            msg = f"{path}: expected an HDF5 file (.h5ad or 10x .h5), found a file without an HDF5 signature"
+        else:
+            msg = f"{path}: could not open as HDF5: {text}"
+        raise InputError(msg) from None
+
+
+def detect_format(h5: h5py.File) -> str:
+    """Return ``"h5ad"``, ``"10x-v3"`` or ``"10x-v2"`` from the file's content (not its name)."""
+    if h5.attrs.get("encoding-type") == "anndata" or ("obs" in h5 and "var" in h5):
+        return "h5ad"
+    if isinstance(h5.get("matrix"), h5py.Group) and "features" in h5["matrix"]:
+        return "10x-v3"
+    if tenx_v2_genomes(h5):
+        return "10x-v2"
+    keys = ", ".join(sorted(h5.keys())[:8]) or "none"
+    msg = f"{h5.filename}: expected an AnnData .h5ad or a 10x Genomics .h5, found an HDF5 file with top-level keys: {keys}"
+    raise InputError(msg)
+
+
+def tenx_v2_genomes(h5: h5py.File) -> list[str]:
+    """Top-level groups laid out as a Cell Ranger v2 matrix (one per genome)."""
+    return [
+        key
+        for key, item in h5.items()
+        if isinstance(item, h5py.Group) and {"data", "indices", "indptr", "shape", "barcodes"} <= set(item.keys())
+    ]
+
+
+def read_strings(dataset: h5py.Dataset, sel=()) -> np.ndarray:
+    """Decode a string (or other scalar) dataset to a numpy ``str`` array."""
+    if h5py.check_string_dtype(dataset.dtype) is not None:
+        values = dataset.asstr()[sel]
+    else:
+        values = dataset[sel]
+    return np.asarray(values, dtype=object).astype(str)
+
+
+def read_index(h5: h5py.File, group_name: str) -> np.ndarray:
+    """The index (names) of an anndata dataframe ``obs``/``var``/``raw/var``, as a str array."""
+    element = h5[group_name]
+    if isinstance(element, h5py.Dataset):  # anndata < 0.7: a compound (record) dataset
+        return np.asarray(element["index"], dtype=object).astype(str)
+    index_key = element.attrs.get("_index", "_index")
+    if isinstance(index_key, bytes):
+        index_key = index_key.decode()
+    if index_key not in element:
+        msg = f"{h5.filename}: expected the index dataset {group_name}/{index_key}, found none"
+        raise InputError(msg)
+    return read_strings(element[index_key])
+
+
+def dataframe_columns(h5: h5py.File, group_name: str = "obs") -> list[str]:
+    """Column names of an anndata dataframe, in stored order (the index excluded)."""
+    element = h5[group_name]
+    if isinstance(element, h5py.Dataset):
+        return [name for name in element.dtype.names if name != "index"]
+    order = element.attrs.get("column-order")
+    if order is not None and len(order):
+        return [c.decode() if isinstance(c, bytes) else str(c) for c in np.atleast_1d(order)]
+    index_key = element.attrs.get("_index", "_index")
+    return [k for k in element.keys() if k not in (index_key, "__categories")]
+
+
+def read_column(h5: h5py.File, key: str, group_name: str = "obs"):
+    """One dataframe column as a :class:`pandas.Categorical` (categorical/string columns) or a numpy array.
+
+    Handles anndata >= 0.8 (categorical group with ``codes``/``categories``), anndata 0.7 (codes dataset whose
+    ``categories`` attribute references ``__categories/<key>``) and anndata < 0.7 (compound dataset).
+    """
+    element = h5[group_name]
+    if isinstance(element, h5py.Dataset):  # anndata < 0.7
+        values = element[key]
+        categories = h5.get(f"uns/{key}_categories")
+        if categories is not None:
+            return pd.Categorical.from_codes(values, categories=read_strings(categories))
+        return _as_column(values)
+    item = element[key]
+    if isinstance(item, h5py.Dataset) and "categories" in item.attrs:  # anndata 0.7
+        categories = read_strings(h5[item.attrs["categories"]])
+        ordered = bool(item.attrs.get("ordered", False))
+        return pd.Categorical.from_codes(item[()], categories=categories, ordered=ordered)
+    if isinstance(item, h5py.Group) and item.attrs.get("encoding-type") == "categorical":
+        categories = read_strings(item["categories"])
+        ordered = bool(item.attrs.get("ordered", False))
+        return pd.Categorical.from_codes(item["codes"][()], categories=categories, ordered=ordered)
+    if isinstance(item, h5py.Group):  # nullable integer/boolean/string arrays and later encodings
+        from anndata.io import read_elem
+
+        return _as_column(np.asarray(read_elem(item)))
+    return _as_column(read_strings(item) if h5py.check_string_dtype(item.dtype) is not None else item[()])
+
+
+def _as_column(values: np.ndarray):
+    values = np.asarray(values)
+    if values.dtype.kind in "OSU":
+        return pd.Categorical(np.asarray(values, dtype=object).astype(str))
+    return values
+
+
+def n_categories(column) -> int | None:
+    """Number of categories of a categorical/string column; None for numeric columns."""
+    if isinstance(column, pd.Categorical):
+        return len(column.categories)
+    return None
+
+
+def make_unique(names: np.ndarray, join: str = "-") -> np.ndarray:
+    """Make names unique as scanpy's ``var_names_make_unique`` does: later duplicates get ``-1``, ``-2``, ...
+
+    Returns a new str array; the first occurrence of a name keeps it.
+    """
+    names = np.asarray(names).astype(str)
+    duplicated = pd.Index(names).duplicated(keep="first")
+    if not duplicated.any():
+        return names
+    taken = set(names.tolist())
+    counter: collections.Counter[str] = collections.Counter()
+    out = names.astype(object)
+    for i in np.flatnonzero(duplicated):
+        base = out[i]
+        while True:
+            counter[base] += 1
+            candidate = f"{base}{join}{counter[base]}"
+            if candidate not in taken:
+                taken.add(candidate)
+                out[i] = candidate
+                break
+    return out.astype(str)
+
+
+def duplicates(names: np.ndarray, n: int = 5) -> list[str]:
+    """Up to ``n`` names that occur more than once, in first-seen order."""
+    index = pd.Index(names)
+    return list(dict.fromkeys(index[index.duplicated()].tolist()))[:n]

@@ -1,0 +1,293 @@
+"""Opening inputs as sources: dispatch on file content, split one file by a batch column,
+describe a file for ``onlinemf info``, guess the batch column, wrap in-memory data, shared genes."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from .._errors import InputError
+from ._base import MemorySource, Source
+from ._h5 import (
+    dataframe_columns,
+    detect_format,
+    duplicates,
+    make_unique,
+    n_categories,
+    open_h5,
+    read_column,
+    read_index,
+    read_strings,
+    tenx_v2_genomes,
+)
+from ._h5ad import H5adSource, layer_names, locate_matrix, matrix_encoding, matrix_shape
+from ._tenx import TenxH5Source, tenx_layout
+
+logger = logging.getLogger(__name__)
+
+# Columns rliger / Seurat / scanpy users usually keep their batches in, most likely first.
+BATCH_KEY_CANDIDATES = (
+    "batch", "dataset", "sample_batch", "orig.ident", "sample", "donor", "condition",
+    "batch_id", "dataset_id", "sample_id", "donor_id", "library", "library_id", "orig_ident",
+    "individual", "patient", "tech", "protocol", "platform", "plate", "stim", "species",
+)  # fmt: skip
+
+
+def file_format(path) -> str:
+    """``"h5ad"``, ``"10x-v3"`` or ``"10x-v2"``, read from the file's content."""
+    with open_h5(path) as h5:
+        return detect_format(h5)
+
+
+def open_source(path, *, layer=None, use_raw=False, genome=None, name=None, **h5ad_options) -> Source:
+    """Open one file as a :class:`Source`, choosing the reader from the file's content.
+
+    Parameters
+    ----------
+    path : str or Path
+        An AnnData ``.h5ad`` or a 10x Genomics ``.h5`` file (v2 or v3).
+    layer, use_raw : see :class:`H5adSource` (h5ad only).
+    genome : str, optional
+        See :class:`TenxH5Source` (10x only).
+    name : str, optional
+        Dataset name; default the file stem.
+    **h5ad_options
+        ``rows``, ``tmp_dir``, ``progress`` for :class:`H5adSource`.
+    """
+    fmt = file_format(path)
+    if fmt == "h5ad":
+        return H5adSource(path, layer=layer, use_raw=use_raw, name=name, **h5ad_options)
+    if layer is not None or use_raw:
+        msg = f"{path}: layer= and use_raw= apply to .h5ad files, found a {fmt} file"
+        raise InputError(msg)
+    return TenxH5Source(path, genome=genome, name=name)
+
+
+def _batch_rows(path, batch_key: str) -> list[tuple[str, np.ndarray]]:
+    """``(category, sorted file rows)`` for each category of ``obs[batch_key]``, in category order."""
+    with open_h5(path) as h5:
+        if detect_format(h5) != "h5ad":
+            msg = f"{path}: batch_key= needs an .h5ad file with obs columns, found a {detect_format(h5)} file"
+            raise InputError(msg)
+        columns = dataframe_columns(h5, "obs")
+        if batch_key not in columns:
+            msg = f"{path}: unknown batch key {batch_key!r}; obs columns are: {', '.join(columns) or 'none'}"
+            raise InputError(msg)
+        column = read_column(h5, batch_key)
+    if not isinstance(column, pd.Categorical):
+        column = pd.Categorical(column)
+    codes = np.asarray(column.codes)
+    if (codes < 0).any():
+        logger.warning("%s: %d cells with a missing %r are left out", path, int((codes < 0).sum()), batch_key)
+    present = [(str(cat), np.flatnonzero(codes == i)) for i, cat in enumerate(column.categories)]
+    present = [(cat, rows) for cat, rows in present if len(rows)]
+    if len(present) < 2:
+        found = present[0][0] if present else "none"
+        msg = f"{path}: expected batch key {batch_key!r} to have at least 2 categories with cells, found one ({found})"
+        raise InputError(msg)
+    return present
+
+
+def open_sources(paths, *, batch_key=None, layer=None, use_raw=False, genome=None, tmp_dir=None, progress=None) -> list[Source]:
+    """Open the datasets of a run.
+
+    Parameters
+    ----------
+    paths : str, Path or sequence of them
+        Several files: one dataset each, named by file stem (made unique with "-1", "-2", ...).
+    batch_key : str, optional
+        Split each ``.h5ad`` into one dataset per category of ``obs[batch_key]`` (category order),
+        streamed through ``rows=``. Datasets are named by category (``"<stem>:<category>"`` when
+        several files are split).
+    layer, use_raw, genome, tmp_dir, progress : see :func:`open_source`.
+
+    Returns
+    -------
+    list of Source
+        Close them when done (or use each as a context manager).
+    """
+    paths = [paths] if isinstance(paths, str | Path) else list(paths)
+    if not paths:
+        msg = "open_sources: expected at least one input file, found none"
+        raise InputError(msg)
+    stems = make_unique(np.array([Path(p).stem for p in paths], dtype=object))
+    sources: list[Source] = []
+    try:
+        for path, stem in zip(paths, stems, strict=True):
+            if batch_key is None:
+                sources.append(open_source(path, layer=layer, use_raw=use_raw, genome=genome, name=stem, tmp_dir=tmp_dir, progress=progress))
+                continue
+            batches = _batch_rows(path, batch_key)
+            prefix = f"{stem}:" if len(paths) > 1 else ""
+            first = H5adSource(path, layer=layer, use_raw=use_raw, rows=batches[0][1], name=prefix + batches[0][0], tmp_dir=tmp_dir, progress=progress)
+            sources.append(first)
+            for category, rows in batches[1:]:  # share one CSC->CSR conversion between the splits
+                sources.append(H5adSource(path, layer=layer, use_raw=use_raw, rows=rows, name=prefix + category, _converted=first._converted))
+    except BaseException:
+        for source in sources:
+            source.close()
+        raise
+    return sources
+
+
+def read_obs(path) -> pd.DataFrame:
+    """The ``obs`` dataframe of an ``.h5ad`` (without reading X); for a 10x file, the barcodes only."""
+    with open_h5(path) as h5:
+        fmt = detect_format(h5)
+        if fmt != "h5ad":
+            group = _tenx_any_layout(h5)["group"]
+            return pd.DataFrame(index=pd.Index(read_strings(group["barcodes"]), name="barcode"))
+        if isinstance(h5["obs"], h5py.Dataset):  # anndata < 0.7
+            return pd.DataFrame({c: read_column(h5, c) for c in dataframe_columns(h5)}, index=read_index(h5, "obs"))
+        from anndata.io import read_elem
+
+        return read_elem(h5["obs"])
+
+
+def _tenx_any_layout(h5) -> dict:
+    """The 10x layout, of the first genome when there are several (for summaries)."""
+    try:
+        return tenx_layout(h5)
+    except InputError:
+        genomes = tenx_v2_genomes(h5) or list(dict.fromkeys(read_strings(h5["matrix/features/genome"]).tolist()))
+        return tenx_layout(h5, genomes[0])
+
+
+def describe(path) -> dict:
+    """Summary of a file without reading its matrix.
+
+    Returns
+    -------
+    dict
+        ``format`` ("h5ad" / "10x-v3" / "10x-v2"), ``n_cells``, ``n_genes``, ``encoding`` of X
+        ("csr" / "csc" / "dense"; None without X), ``dtype``, ``layers`` (list), ``has_raw``, ``obs_columns``
+        ({column: number of categories, or None for numeric columns}), ``genomes`` (list; with
+        several, ``n_genes`` counts the first genome's).
+    """
+    with open_h5(path) as h5:
+        fmt = detect_format(h5)
+        if fmt == "h5ad":
+            info = {"format": fmt, "layers": layer_names(h5), "has_raw": "raw" in h5 and "X" in h5["raw"], "genomes": []}
+            if "X" in h5:
+                element = h5["X"]
+                n_cells, n_genes = matrix_shape(element)
+                encoding = matrix_encoding(element)
+                dtype = element.dtype if encoding == "dense" else element["data"].dtype
+            else:
+                n_cells, n_genes, encoding, dtype = len(read_index(h5, "obs")), len(read_index(h5, "var")), None, None
+            info["obs_columns"] = {c: n_categories(read_column(h5, c)) for c in dataframe_columns(h5, "obs")}
+        else:
+            layout = _tenx_any_layout(h5)
+            group = layout["group"]
+            n_cells = int(group["shape"][1])
+            n_genes = int(layout["keep"].sum()) if layout["keep"] is not None else len(layout["names"])
+            encoding, dtype = "csc (genes x cells)", group["data"].dtype
+            info = {"format": fmt, "layers": [], "has_raw": False, "obs_columns": {}, "genomes": layout["genomes"]}
+        info.update(n_cells=int(n_cells), n_genes=int(n_genes), encoding=encoding, dtype=None if dtype is None else str(dtype))
+        return info
+
+
+def guess_batch_key(obs_columns: Mapping[str, int | None], n_cells: int) -> str | None:
+    """The most likely batch column, or None.
+
+    Parameters
+    ----------
+    obs_columns : mapping of str to int or None
+        Column name -> number of categories (None for numeric columns), as in ``describe(path)["obs_columns"]``.
+    n_cells : int
+
+    Returns
+    -------
+    str or None
+        The first of :data:`BATCH_KEY_CANDIDATES` (exact name first, then case-insensitive) that is a
+        categorical/string column with 2 to ``n_cells / 10`` categories.
+    """
+
+    def fits(column: str) -> bool:
+        count = obs_columns[column]
+        return count is not None and 2 <= count <= n_cells / 10
+
+    lowered = {c.lower(): c for c in obs_columns}
+    for candidate in BATCH_KEY_CANDIDATES:
+        if candidate in obs_columns and fits(candidate):
+            return candidate
+        column = lowered.get(candidate.lower())
+        if column is not None and fits(column):
+            return column
+    return None
+
+
+def shared_genes(sources: Sequence[Source]) -> np.ndarray:
+    """Gene names present in every source, in the first source's order.
+
+    Returns
+    -------
+    ndarray of str, shape (n_shared,)
+    """
+    if not sources:
+        msg = "shared_genes: expected at least one dataset, found none"
+        raise InputError(msg)
+    first = np.asarray(sources[0].var_names)
+    keep = np.ones(len(first), dtype=bool)
+    for source in sources[1:]:
+        keep &= np.isin(first, np.asarray(source.var_names))
+    if not keep.any():
+        listing = ", ".join(f"{s.name}: {s.n_genes} genes" for s in sources)
+        msg = f"no genes shared by the {len(sources)} datasets ({listing})"
+        raise InputError(msg)
+    return first[keep]
+
+
+def as_source(obj, *, name: str = "dataset", layer: str | None = None) -> Source:
+    """Wrap in-memory data (or a backed AnnData) as a :class:`Source`.
+
+    Parameters
+    ----------
+    obj : AnnData, scipy sparse matrix, ndarray or Source
+        Cells x genes. A backed AnnData streams from its file; other AnnData use ``.X`` (or
+        ``.layers[layer]``) with their var/obs names.
+    name : str
+    layer : str, optional
+        AnnData only.
+    """
+    if isinstance(obj, Source):
+        return obj
+    import anndata
+
+    if isinstance(obj, anndata.AnnData):
+        if obj.isbacked:
+            return H5adSource(obj.filename, layer=layer, name=name)
+        dups = duplicates(np.asarray(obj.var_names))
+        if dups:
+            msg = f"{name}: expected unique gene names, found duplicates such as {', '.join(dups)}"
+            raise InputError(msg)
+        if layer is not None:
+            if layer not in obj.layers:
+                msg = f"{name}: unknown layer {layer!r}; layers are: {', '.join(obj.layers.keys()) or 'none'}"
+                raise InputError(msg)
+            matrix = obj.layers[layer]
+        else:
+            matrix = obj.X
+        if matrix is None:
+            msg = f"{name}: expected an AnnData with X, found X = None"
+            raise InputError(msg)
+        if obj.n_obs == 0 or obj.n_vars == 0:
+            msg = f"{name}: expected a non-empty matrix, found {obj.n_obs} cells x {obj.n_vars} genes"
+            raise InputError(msg)
+        return MemorySource(matrix, name=name, var_names=np.asarray(obj.var_names), obs_names=np.asarray(obj.obs_names))
+    if sp.issparse(obj) or isinstance(obj, np.ndarray):
+        if min(obj.shape) == 0:
+            msg = f"{name}: expected a non-empty matrix, found shape {obj.shape}"
+            raise InputError(msg)
+        return MemorySource(obj, name=name)
+    msg = f"{name}: expected an AnnData, scipy sparse matrix or numpy array, found {type(obj).__name__}"
+    raise InputError(msg)
+
+
+
