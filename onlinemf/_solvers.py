@@ -1,0 +1,378 @@
+"""Pure numerical kernels of online iNMF (no I/O, no logging).
+
+Shapes follow the package convention: data ``X`` is cells x genes (CSR or ndarray), factors
+``W`` and ``V`` are K x genes, ``H`` is cells x K, statistics ``A`` are K x K and ``B`` K x genes.
+The per-cell NNLS problems are written on the K x K normal equations: for every cell (column of
+``C``) minimise ``0.5 h^T G h - c^T h`` subject to ``h >= 0``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import scipy.linalg
+import scipy.sparse as sp
+
+#: Floor applied to W and V after each HALS column update (R/pyliger value): keeps columns alive.
+FACTOR_FLOOR = 1e-16
+#: rliger's guard for zero diagonal entries of A (libplanc ``updateAandB``).
+A_DIAG_GUARD = 1e-15
+_TINY = 1e-30
+
+
+# ----------------------------------------------------------------------------- Gram, RHS, H
+def gram(W: np.ndarray, V: np.ndarray | None, lam: float) -> np.ndarray:
+    """Gram matrix of the H problem, shape (K, K).
+
+    ``G = (W+V)(W+V)^T + lam V V^T``; with ``V=None`` (projection on W only) ``G = W W^T``.
+    """
+    if V is None:
+        return W @ W.T
+    L = W + V
+    return L @ L.T + lam * (V @ V.T)
+
+
+def rhs(X, L: np.ndarray) -> np.ndarray:
+    """``X @ L^T`` of shape (n_cells, K) with ``X`` (n_cells, genes) kept sparse."""
+    out = X @ L.T
+    return np.asarray(out, dtype=L.dtype)
+
+
+def _unconstrained(G: np.ndarray, C: np.ndarray) -> np.ndarray:
+    """``G^-1 C`` (K, n) through a Cholesky factorisation, least squares if G is singular."""
+    try:
+        factor = scipy.linalg.cho_factor(G, check_finite=False)
+        return scipy.linalg.cho_solve(factor, C, check_finite=False)
+    except (np.linalg.LinAlgError, scipy.linalg.LinAlgError):
+        return np.linalg.lstsq(G, C, rcond=None)[0]
+
+
+def nnls_cd(G: np.ndarray, C: np.ndarray, n_sweeps: int = 10, H0: np.ndarray | None = None) -> np.ndarray:
+    """Coordinate descent NNLS vectorized across cells.
+
+    Parameters
+    ----------
+    G : ndarray of shape (K, K)
+        Symmetric positive (semi)definite Gram matrix.
+    C : ndarray of shape (K, n)
+        Right-hand sides, one column per cell; its dtype is the working dtype.
+    n_sweeps : int
+        Full sweeps over the K coordinates; each coordinate update is one gemv over all cells.
+    H0 : ndarray of shape (K, n), optional
+        Start; default ``max(0, G^-1 C)``. Starting from a feasible point, the objective never
+        increases (every coordinate step is an exact minimisation).
+
+    Returns
+    -------
+    Ht : ndarray of shape (K, n)
+        The (approximate) solution, transposed (factors x cells), C-contiguous.
+    """
+    dtype = C.dtype
+    G = np.asarray(G, dtype=dtype)
+    C = np.ascontiguousarray(C)
+    K, n = C.shape
+    if H0 is None:
+        Ht = np.ascontiguousarray(_unconstrained(G, C), dtype=dtype)
+        np.maximum(Ht, 0, out=Ht)
+    else:
+        Ht = np.array(H0, dtype=dtype, order="C", copy=True)
+    diag = np.maximum(np.diag(G), _TINY).astype(dtype)
+    # Rows of G and C pre-divided by G_jj: one update is h_j -= (G_j h - c_j) / G_jj.
+    Gs = np.ascontiguousarray(G / diag[:, None])
+    Cs = C / diag[:, None]
+    step = np.empty(n, dtype=dtype)
+    for _ in range(n_sweeps):
+        for j in range(K):
+            np.dot(Gs[j], Ht, out=step)
+            step -= Cs[j]
+            row = Ht[j]
+            row -= step
+            np.maximum(row, 0, out=row)
+    return Ht
+
+
+def nnls_bpp(G: np.ndarray, C: np.ndarray, *, max_iter: int = 500, chunk: int = 2048) -> np.ndarray:
+    """Exact NNLS by block principal pivoting (Kim & Park 2011), batched over cells.
+
+    Every pivot step solves all still-infeasible cells at once with one batched masked
+    ``numpy.linalg.solve`` (rows/columns outside the passive set replaced by the identity).
+    Used as the test oracle. Computed in float64.
+
+    Parameters
+    ----------
+    G : ndarray of shape (K, K)
+    C : ndarray of shape (K, n)
+
+    Returns
+    -------
+    Ht : ndarray of shape (K, n), float64
+    """
+    G = np.asarray(G, dtype=np.float64)
+    Ct_all = np.asarray(C, dtype=np.float64).T
+    n, K = Ct_all.shape
+    out = np.empty((n, K))
+    eye = np.eye(K, dtype=bool)
+    for lo in range(0, n, chunk):
+        Ct = Ct_all[lo : lo + chunk]
+        m = Ct.shape[0]
+        tol = 1e-12 * max(1.0, float(np.abs(Ct).max(initial=0.0)))
+        F = np.zeros((m, K), dtype=bool)
+        x = np.zeros((m, K))
+        y = -Ct.copy()
+        alpha = np.full(m, 3)
+        beta = np.full(m, K + 1)
+        for _ in range(max_iter):
+            infeasible = (F & (x < 0)) | (~F & (y < -tol))
+            n_inf = infeasible.sum(axis=1)
+            todo = n_inf > 0
+            if not todo.any():
+                break
+            full = todo & (n_inf < beta)
+            beta[full] = n_inf[full]
+            alpha[full] = 3
+            partial = todo & ~full & (alpha >= 1)
+            alpha[partial] -= 1
+            backup = np.flatnonzero(todo & ~full & ~partial)
+            flip = infeasible & todo[:, None]
+            if backup.size:
+                last = K - 1 - np.argmax(infeasible[backup, ::-1], axis=1)
+                flip[backup] = False
+                flip[backup, last] = True
+            F ^= flip
+            rows = np.flatnonzero(todo)
+            Fr = F[rows]
+            M = np.where(Fr[:, :, None] & Fr[:, None, :], G, 0.0)
+            M[:, eye] += ~Fr
+            xr = np.linalg.solve(M, np.where(Fr, Ct[rows], 0.0)[..., None])[..., 0]
+            x[rows] = xr
+            yr = xr @ G - Ct[rows]
+            yr[Fr] = 0.0
+            y[rows] = yr
+        out[lo : lo + m] = x
+    np.maximum(out, 0, out=out)
+    return out.T
+
+
+def solve_h(X, W: np.ndarray, V: np.ndarray | None, lam: float, *, n_sweeps: int = 10, solver: str = "cd"):
+    """H of a block of cells, shape (n_cells, K), and the ``X (W+V)^T`` product it used.
+
+    Parameters
+    ----------
+    X : CSR matrix or ndarray of shape (n_cells, genes)
+    W, V : ndarray of shape (K, genes); ``V=None`` projects on W only.
+    lam : float
+    solver : {"cd", "bpp"}
+
+    Returns
+    -------
+    H : ndarray of shape (n_cells, K)  (a transposed view of a K x n array)
+    XL : ndarray of shape (n_cells, K)
+    G : ndarray of shape (K, K)
+    """
+    L = W if V is None else W + V
+    G = gram(W, V, lam)
+    XL = rhs(X, L)
+    if solver == "bpp":
+        Ht = nnls_bpp(G, XL.T).astype(W.dtype)
+    else:
+        Ht = nnls_cd(G, XL.T, n_sweeps=n_sweeps)
+    return Ht.T, XL, G
+
+
+# ----------------------------------------------------------------------------- A/B statistics
+def schedule_scale(t: int, batch_rows: int) -> float:
+    """rliger's weight of the old statistics at iteration ``t`` (1-based) of a dataset.
+
+    0 at t=1 (the statistics of the random start are dropped), ``1/b`` at t=2 (libplanc's
+    ``scaleParam``), ``(t-2)/(t-1)`` afterwards.
+    """
+    if t <= 1:
+        return 0.0
+    if t == 2:
+        return 1.0 / batch_rows
+    return (t - 2) / (t - 1)
+
+
+def update_stats(A, B, A_old, B_old, H, X, t: int, new_epoch: bool) -> None:
+    """Update one dataset's sufficient statistics in place (libplanc ``updateAandB``).
+
+    Parameters
+    ----------
+    A, A_old : ndarray of shape (K, K)
+    B, B_old : ndarray of shape (K, genes)
+    H : ndarray of shape (b, K)
+        H of the mini-batch.
+    X : CSR matrix or ndarray of shape (b, genes)
+        The mini-batch.
+    t : int
+        1-based iteration counter of this dataset.
+    new_epoch : bool
+        The iteration crossed an epoch boundary: statistics older than the previous boundary
+        (kept in ``A_old``/``B_old``) are removed.
+    """
+    b = H.shape[0]
+    s = schedule_scale(t, b)
+    if new_epoch:
+        A -= A_old
+        B -= B_old
+        np.multiply(A, s, out=A_old)
+        np.multiply(B, s, out=B_old)
+    else:
+        A_old *= s
+        B_old *= s
+    A *= s
+    A += (H.T @ H) / b
+    diag = np.einsum("ii->i", A)
+    diag[diag == 0] = A_DIAG_GUARD
+    B *= s
+    XtH = X.T @ H if sp.issparse(X) else X.T @ H
+    B += np.asarray(XtH).T / b
+
+
+# ----------------------------------------------------------------------------- HALS
+def hals_update(W, Vs, As, Bs, lam: float, update_v, *, n_sweeps: int = 1, floor: float = FACTOR_FLOOR) -> None:
+    """HALS sweeps of W, then of every updated V_i, in place (libplanc ``updateW``/``updateV``).
+
+    O(genes K^2) per dataset and sweep: the products with the fixed factors are computed once per
+    sweep, and each column update is one gemv with the latest values.
+
+    Parameters
+    ----------
+    W : ndarray of shape (K, genes)
+    Vs, Bs : lists of ndarray of shape (K, genes), one per dataset (frozen ones included)
+    As : list of ndarray of shape (K, K)
+    lam : float
+    update_v : list of bool
+        Which V_i are updated; all datasets enter the W update.
+    """
+    K = W.shape[0]
+    c = 1.0 + lam
+    for _ in range(n_sweeps):
+        A_sum = sum(As)
+        # Residual target of W: sum_i B_i - A_i V_i (V fixed during the W update).
+        R = sum(Bs) - sum(A @ V for A, V in zip(As, Vs, strict=True))
+        for j in range(K):
+            row = W[j]
+            row += (R[j] - A_sum[j] @ W) / max(float(A_sum[j, j]), _TINY)
+            np.maximum(row, floor, out=row)
+        for V, A, B, upd in zip(Vs, As, Bs, update_v, strict=True):
+            if not upd:
+                continue
+            T = B - A @ W
+            for j in range(K):
+                row = V[j]
+                row += (T[j] - c * (A[j] @ V)) / max(c * float(A[j, j]), _TINY)
+                np.maximum(row, floor, out=row)
+
+
+# ----------------------------------------------------------------------------- objective
+def squared_norm(X) -> float:
+    """``||X||_F^2`` in float64 for a sparse or dense block."""
+    data = X.data if sp.issparse(X) else np.asarray(X).ravel()
+    data = data.astype(np.float64, copy=False)
+    return float(np.dot(data, data))
+
+
+def objective_terms(X, H, W, V, lam: float, *, XL=None, G=None) -> float:
+    """iNMF loss of one block, ``||X - H(W+V)||^2 + lam ||H V||^2``, by trace identities (float64).
+
+    ``||X||^2 - 2 tr(H^T X (W+V)^T) + tr(H^T H G)``: no cells x genes reconstruction.
+
+    Parameters
+    ----------
+    X : CSR matrix or ndarray of shape (n_cells, genes)
+    H : ndarray of shape (n_cells, K)
+    W : ndarray of shape (K, genes)
+    V : ndarray of shape (K, genes) or None (projection: V = 0)
+    lam : float
+    XL, G : optional precomputed ``X (W+V)^T`` (n_cells, K) and Gram (K, K).
+    """
+    if XL is None:
+        XL = rhs(X, W if V is None else W + V)
+    if G is None:
+        G = gram(W, V, lam)
+    H64 = np.asarray(H, dtype=np.float64)
+    cross = float(np.vdot(H64, np.asarray(XL, dtype=np.float64)))
+    quad = float(np.vdot(H64.T @ H64, np.asarray(G, dtype=np.float64)))
+    return squared_norm(X) - 2.0 * cross + quad
+
+
+# ----------------------------------------------------------------------------- initialisation
+def init_w(n_components: int, n_genes: int, rng: np.random.Generator, dtype=np.float32) -> np.ndarray:
+    """W ~ Uniform(0, 2) with unit-norm factors (libplanc ``initW2``), shape (K, genes)."""
+    W = rng.uniform(0.0, 2.0, size=(n_components, n_genes))
+    W /= np.linalg.norm(W, axis=1, keepdims=True)
+    return W.astype(dtype)
+
+
+def v_from_cells(rows, dtype=np.float32) -> np.ndarray:
+    """V from K cells (rows of a CSR or ndarray, K x genes), each scaled to unit L2 norm."""
+    V = rows.toarray() if sp.issparse(rows) else np.array(rows, dtype=np.float64)
+    V = V.astype(np.float64)
+    V /= np.linalg.norm(V, axis=1, keepdims=True)
+    return V.astype(dtype)
+
+
+def pick_nonempty_rows(X, k: int, rng: np.random.Generator) -> np.ndarray | None:
+    """Indices of ``k`` distinct random non-empty rows of ``X``, or None if there are fewer."""
+    nonzero = np.diff(X.indptr) > 0 if sp.issparse(X) else (np.asarray(X) != 0).any(axis=1)
+    order = rng.permutation(X.shape[0])
+    chosen = order[nonzero[order]][:k]
+    return chosen if chosen.size == k else None
+
+
+# ----------------------------------------------------------------------------- batch reference
+def fit_batch_inmf(Xs, k: int, lam: float, n_iter: int, rng: np.random.Generator, *, h_solver: str = "bpp",
+                   hals_sweeps: int = 5, h_sweeps: int = 20, dtype=np.float64):
+    """Batch iNMF by ANLS (reference for tests): exact/warm CD NNLS for H, HALS sweeps for W, V.
+
+    Every block step does not increase the objective, so the returned objective sequence is
+    non-increasing (``h_solver="cd"`` warm-starts from the previous H to keep that property).
+
+    Parameters
+    ----------
+    Xs : list of CSR matrices or ndarrays, each (n_i, genes)
+    k : int
+    lam : float
+    n_iter : int
+    rng : numpy.random.Generator
+
+    Returns
+    -------
+    W : ndarray (K, genes)
+    Vs : list of ndarray (K, genes)
+    Hs : list of ndarray (n_i, K)
+    objectives : list of float, one per iteration (after its W/V update)
+    """
+    n_genes = Xs[0].shape[1]
+    W = init_w(k, n_genes, rng, dtype)
+    Vs = []
+    for X in Xs:
+        idx = pick_nonempty_rows(X, k, rng)
+        if idx is None:
+            msg = f"fit_batch_inmf: expected at least {k} non-empty cells per dataset, found fewer"
+            raise ValueError(msg)
+        Vs.append(v_from_cells(X[idx], dtype))
+    Xs = [sp.csr_matrix(X, dtype=dtype) if sp.issparse(X) else np.asarray(X, dtype=dtype) for X in Xs]
+    norms = [squared_norm(X) for X in Xs]
+    Hts = [None] * len(Xs)
+    objectives = []
+    for _ in range(n_iter):
+        As, Bs = [], []
+        for i, X in enumerate(Xs):
+            L = W + Vs[i]
+            G = gram(W, Vs[i], lam)
+            C = rhs(X, L).T
+            if h_solver == "bpp":
+                Hts[i] = nnls_bpp(G, C).astype(dtype)
+            else:
+                Hts[i] = nnls_cd(G, C, n_sweeps=h_sweeps, H0=Hts[i])
+            Ht = Hts[i]
+            As.append(Ht @ Ht.T)
+            Bs.append(np.asarray(X.T @ Ht.T).T.copy())
+        hals_update(W, Vs, As, Bs, lam, [True] * len(Xs), n_sweeps=hals_sweeps)
+        total = 0.0
+        for i in range(len(Xs)):
+            L = W + Vs[i]
+            total += norms[i] - 2.0 * float(np.vdot(Bs[i], L)) + float(np.vdot(As[i], gram(W, Vs[i], lam)))
+        objectives.append(total)
+    return W, Vs, [Ht.T for Ht in Hts], objectives

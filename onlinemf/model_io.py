@@ -1,0 +1,271 @@
+"""Save, load and checkpoint :class:`~onlinemf.engine.OnlineINMF` models in HDF5 (h5py, no pickle).
+
+Layout (``format_version`` 1)::
+
+    /            attrs: kind, format_version, params (JSON), rng_state (JSON of bit_generator.state),
+                        n_steps, n_epochs, objective (JSON), info (JSON), checkpoint (JSON, checkpoints only)
+    /W           (K, G) factors x genes
+    /var_names   (G,) str, optional
+    /datasets/<i>  attrs: name, n_cells, n_batches, frozen; datasets V (K, G), A (K, K), B (K, G),
+                   A_old (K, K), B_old (K, G)
+    /scaling/<i>   (G,) per-gene scale, attr name
+
+Files are written to a temporary file in the destination folder, then ``os.replace``d.
+Loading checks every dataset's shape from the HDF5 metadata before reading any array.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from ._errors import InputError, ModelError
+
+FORMAT_VERSION = 1
+KIND = "onlinemf.OnlineINMF"
+MAX_COMPONENTS = 10_000
+MAX_GENES = 50_000_000
+MAX_ELEMENTS = 2**32  # per K x G array; anything larger is refused before reading
+
+
+@dataclass
+class Checkpoint:
+    """Where and how often :meth:`OnlineINMF.fit`/``update`` save their full state."""
+
+    path: str | os.PathLike
+    every: int = 10
+
+    def __post_init__(self):
+        if not isinstance(self.every, int) or isinstance(self.every, bool) or self.every < 1:
+            msg = f"Checkpoint.every: expected an int >= 1, found {self.every!r}"
+            raise InputError(msg)
+
+
+@dataclass
+class SavedModel:
+    """A loaded model file: the estimator, per-gene scaling per dataset and free metadata."""
+
+    estimator: object
+    scaling: dict = field(default_factory=dict)
+    info: dict = field(default_factory=dict)
+
+
+# ----------------------------------------------------------------------------- writing
+def _params_json(est) -> str:
+    params = est.get_params()
+    if not (params["random_state"] is None or isinstance(params["random_state"], int)):
+        params["random_state"] = None  # a Generator: its state is saved as rng_state
+    return json.dumps(params)
+
+
+def _write(path, est, *, scaling=None, info=None, checkpoint_state=None) -> None:
+    if not hasattr(est, "W_"):
+        msg = "estimator: expected a fitted OnlineINMF, found one that is not fitted"
+        raise InputError(msg)
+    path = Path(path)
+    folder = path.parent if str(path.parent) else Path(".")
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
+    os.close(fd)
+    try:
+        with h5py.File(tmp, "w") as f:
+            f.attrs["kind"] = KIND
+            f.attrs["format_version"] = FORMAT_VERSION
+            f.attrs["params"] = _params_json(est)
+            f.attrs["rng_state"] = json.dumps(est._rng.bit_generator.state)
+            f.attrs["n_steps"] = int(est.n_steps_)
+            f.attrs["n_epochs"] = int(est.n_epochs_)
+            f.attrs["objective"] = json.dumps([float(x) for x in est.objective_])
+            f.attrs["info"] = json.dumps(info or {})
+            if checkpoint_state is not None:
+                f.attrs["checkpoint"] = json.dumps(checkpoint_state)
+            f.create_dataset("W", data=est.W_)
+            if est.var_names_in_ is not None:
+                f.create_dataset("var_names", data=np.asarray(est.var_names_in_, dtype=object),
+                                 dtype=h5py.string_dtype())
+            grp = f.create_group("datasets")
+            for i, name in enumerate(est.dataset_names_):
+                g = grp.create_group(str(i))
+                g.attrs["name"] = name
+                g.attrs["n_cells"] = int(est.n_cells_[name])
+                g.attrs["n_batches"] = int(est.n_batches_[name])
+                g.attrs["frozen"] = name in est.frozen_
+                for key, store in (("V", est.V_), ("A", est.A_), ("B", est.B_), ("A_old", est.A_old_),
+                                   ("B_old", est.B_old_)):
+                    g.create_dataset(key, data=store[name])
+            sg = f.create_group("scaling")
+            for i, (name, scale) in enumerate((scaling or {}).items()):
+                d = sg.create_dataset(str(i), data=np.asarray(scale, dtype=np.float64))
+                d.attrs["name"] = str(name)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def save_model(path, estimator, *, scaling=None, info=None) -> None:
+    """Save a fitted estimator (factors, statistics, counters, RNG state) to HDF5.
+
+    Parameters
+    ----------
+    path : str or PathLike
+    estimator : OnlineINMF (fitted)
+    scaling : dict name -> array of shape (n_genes,), optional
+        Per-gene scale factors used to prepare each dataset.
+    info : dict, optional
+        JSON-able metadata (preprocessing parameters, ...).
+    """
+    try:
+        json.dumps(info or {})
+    except TypeError as exc:
+        msg = f"info: expected JSON-able metadata, found {exc}"
+        raise InputError(msg) from None
+    _write(path, estimator, scaling=scaling, info=info)
+
+
+def write_checkpoint(path, estimator, state: dict) -> None:
+    """Write a checkpoint: the full model plus the plan position ``state`` (JSON-able)."""
+    state = dict(state, mode=getattr(estimator, "_mode", "fit"))
+    _write(path, estimator, checkpoint_state=state)
+
+
+# ----------------------------------------------------------------------------- reading
+def _fail(path, what) -> None:
+    msg = f"{path}: not a usable onlinemf model file ({what})"
+    raise ModelError(msg)
+
+
+def _dset(path, group, key, shape, dtypes=("f",)):
+    """Return the h5py dataset ``group[key]`` after checking its shape and kind from metadata."""
+    d = group.get(key)
+    if not isinstance(d, h5py.Dataset):
+        _fail(path, f"missing array {group.name.rstrip('/')}/{key}")
+    if d.shape != shape:
+        _fail(path, f"{group.name.rstrip('/')}/{key} has shape {d.shape}, expected {shape}")
+    if d.dtype.kind not in dtypes:
+        _fail(path, f"{group.name.rstrip('/')}/{key} has dtype {d.dtype}, expected numbers")
+    return d
+
+
+def _json_attr(path, f, key, default=None):
+    if key not in f.attrs:
+        if default is not None:
+            return default
+        _fail(path, f"missing attribute {key!r}")
+    try:
+        return json.loads(f.attrs[key])
+    except (TypeError, ValueError):
+        _fail(path, f"attribute {key!r} is not valid JSON")
+
+
+def _load(path, into=None):
+    from .engine import OnlineINMF
+
+    path = Path(path)
+    if not path.is_file():
+        msg = f"{path}: expected a model file, found no such file"
+        raise ModelError(msg)
+    try:
+        f = h5py.File(path, "r")
+    except OSError:
+        _fail(path, "not an HDF5 file")
+    with f:
+        if f.attrs.get("kind") != KIND:
+            _fail(path, f"kind is {f.attrs.get('kind')!r}, expected {KIND!r}")
+        version = f.attrs.get("format_version")
+        if version is None or int(version) != FORMAT_VERSION:
+            _fail(path, f"format_version {version}, this onlinemf reads {FORMAT_VERSION}")
+        params = _json_attr(path, f, "params")
+        if not isinstance(params, dict):
+            _fail(path, "params is not a mapping")
+        est = OnlineINMF() if into is None else into
+        unknown = set(params) - set(est.get_params())
+        if unknown:
+            _fail(path, f"unknown parameters {sorted(unknown)}")
+        for k, v in params.items():
+            setattr(est, k, v)
+        try:
+            est._validate_params()
+        except InputError as exc:
+            _fail(path, str(exc))
+        # Shapes first, all from metadata: nothing is read before they all agree and are sane.
+        Wd = f.get("W")
+        if not isinstance(Wd, h5py.Dataset) or Wd.ndim != 2:
+            _fail(path, "missing 2-D array W")
+        K, G = Wd.shape
+        if not (1 <= K <= MAX_COMPONENTS and 1 <= G <= MAX_GENES and K * G <= MAX_ELEMENTS):
+            _fail(path, f"W has an implausible shape {Wd.shape}")
+        if K != est.n_components:
+            _fail(path, f"W has {K} factors but n_components is {est.n_components}")
+        _dset(path, f, "W", (K, G))
+        names_d = f.get("var_names")
+        if names_d is not None:
+            _dset(path, f, "var_names", (G,), dtypes=("O", "S", "U"))
+        groups = f.get("datasets")
+        if not isinstance(groups, h5py.Group):
+            _fail(path, "missing group datasets")
+        entries = []
+        for i in range(len(groups)):
+            g = groups.get(str(i))
+            if not isinstance(g, h5py.Group) or "name" not in g.attrs:
+                _fail(path, f"datasets/{i} is missing or unnamed")
+            arrays = {key: _dset(path, g, key, shp) for key, shp in
+                      (("V", (K, G)), ("A", (K, K)), ("B", (K, G)), ("A_old", (K, K)), ("B_old", (K, G)))}
+            entries.append((g, arrays))
+        scal = f.get("scaling")
+        scal_d = []
+        if isinstance(scal, h5py.Group):
+            for i in range(len(scal)):
+                d = scal.get(str(i))
+                if not isinstance(d, h5py.Dataset) or "name" not in d.attrs:
+                    _fail(path, f"scaling/{i} is missing or unnamed")
+                scal_d.append(_dset(path, scal, str(i), (G,)))
+        # Now read.
+        dt = np.dtype(est.dtype)
+        est._reset(G, None)
+        est.W_ = Wd[...].astype(dt)
+        if names_d is not None:
+            est.var_names_in_ = np.asarray(names_d.asstr()[...]).astype(str)
+        for g, arrays in entries:
+            name = str(g.attrs["name"])
+            est._add_dataset(name, arrays["V"][...].astype(dt), int(g.attrs.get("n_cells", 0)))
+            for key, store in (("A", est.A_), ("B", est.B_), ("A_old", est.A_old_), ("B_old", est.B_old_)):
+                store[name] = arrays[key][...].astype(dt)
+            est.n_batches_[name] = int(g.attrs.get("n_batches", 0))
+            if bool(g.attrs.get("frozen", False)):
+                est.frozen_.add(name)
+        rng_state = _json_attr(path, f, "rng_state")
+        try:
+            bitgen = getattr(np.random, rng_state["bit_generator"])()
+            bitgen.state = rng_state
+        except (AttributeError, KeyError, TypeError, ValueError):
+            _fail(path, "rng_state is not a numpy bit generator state")
+        est._rng = np.random.Generator(bitgen)
+        est.n_steps_ = int(f.attrs.get("n_steps", 0))
+        est.n_epochs_ = int(f.attrs.get("n_epochs", 0))
+        est.objective_ = [float(x) for x in _json_attr(path, f, "objective", [])]
+        scaling = {str(d.attrs["name"]): d[...] for d in scal_d}
+        info = _json_attr(path, f, "info", {})
+        state = _json_attr(path, f, "checkpoint", {}) if "checkpoint" in f.attrs else None
+    return est, scaling, info, state
+
+
+def load_model(path) -> SavedModel:
+    """Load a model saved by :func:`save_model` (or a checkpoint); raises ModelError if unusable."""
+    est, scaling, info, _ = _load(path)
+    return SavedModel(estimator=est, scaling=scaling, info=info)
+
+
+def read_checkpoint(path, *, into) -> dict:
+    """Restore a checkpoint into the estimator ``into``; returns the plan position state."""
+    _, _, _, state = _load(path, into=into)
+    if state is None:
+        _fail(path, "a model file, not a checkpoint")
+    into._mode = state.get("mode", "fit")
+    return state
