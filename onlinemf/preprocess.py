@@ -1,0 +1,694 @@
+"""Streaming preprocessing as rliger does it: normalise, select variable genes, scale (no centring).
+
+Every statistic is gathered in ONE streaming pass over ``source.iter_blocks(block_size)`` with
+float64 accumulators, so memory does not grow with the number of cells (apart from one float64
+library size per cell). The prepared data (normalised by the full-row library size, restricted to
+the selected genes, divided by the per-gene root mean square) is produced per block on demand by
+:class:`PreparedSource`, optionally cached in memory or in a temporary HDF5 file.
+
+Cells with a zero library size ("empty" cells) stay all-zero rows. They are left out of the
+statistics (means, variances, ``nu``, scale factors), which matches rliger, whose ``createLiger``
+drops them by default (``removeMissing=TRUE``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import threading
+import weakref
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import h5py
+import numpy as np
+import scipy.sparse as sp
+from scipy.stats import norm
+
+from ._errors import InputError
+from .readers._base import Source, _check_range, check_values
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "DatasetStats",
+    "Prepared",
+    "PreparedSource",
+    "compute_stats",
+    "normalize_rows",
+    "prepare",
+    "scale_factors",
+    "select_genes",
+]
+
+Progress = Callable[[int], object] | None
+
+
+def _sum_by(index: np.ndarray, weights: np.ndarray, n: int) -> np.ndarray:
+    """Float64 sums of ``weights`` grouped by ``index`` in 0:n, shape (n,)."""
+    # bincount returns int64 for empty input, hence the cast
+    return np.bincount(index, weights=weights, minlength=n).astype(np.float64, copy=False)
+
+
+def _row_sums(X: sp.csr_matrix) -> np.ndarray:
+    """Per-row sums of a CSR matrix in float64, shape (n_rows,)."""
+    rows = np.repeat(np.arange(X.shape[0]), np.diff(X.indptr))
+    return _sum_by(rows, X.data.astype(np.float64), X.shape[0])
+
+
+def _row_scale(X: sp.csr_matrix) -> tuple[np.ndarray, np.ndarray]:
+    """Library size per row and, per stored value, the factor 1/libsize of its row (float64)."""
+    lib = _row_sums(X)
+    inv = np.zeros_like(lib)
+    np.divide(1.0, lib, out=inv, where=lib > 0)
+    return lib, np.repeat(inv, np.diff(X.indptr))
+
+
+def normalize_rows(X) -> sp.csr_matrix:
+    """Divide each row (cell) by its sum (library size); all-zero rows stay zero.
+
+    Parameters
+    ----------
+    X : sparse matrix or ndarray of shape (n_cells, n_genes)
+
+    Returns
+    -------
+    csr_matrix of shape (n_cells, n_genes), float64
+    """
+    X = sp.csr_matrix(X)
+    _, inv = _row_scale(X)
+    out = sp.csr_matrix((X.data * inv, X.indices.copy(), X.indptr.copy()), shape=X.shape)
+    out.eliminate_zeros()
+    return out
+
+
+@dataclass
+class DatasetStats:
+    """One dataset's per-cell and per-gene sums, from one streaming pass.
+
+    Attributes
+    ----------
+    name : str
+    n_cells : int
+        All cells, empty ones included.
+    var_names : ndarray of str, shape (n_genes,)
+        The source's own gene names and order.
+    lib_size : ndarray of float64, shape (n_cells,)
+        Raw library size (sum of counts) per cell.
+    gene_sum, gene_sumsq : ndarray of float64, shape (n_genes,)
+        Sum and sum of squares over cells of the library-size-normalised values.
+    gene_nnz : ndarray of int64, shape (n_genes,)
+        Number of cells with a non-zero count per gene.
+    n_empty_cells : int
+        Cells with library size 0 (left out of means, variances and scale factors).
+    """
+
+    name: str
+    n_cells: int
+    var_names: np.ndarray
+    lib_size: np.ndarray
+    gene_sum: np.ndarray
+    gene_sumsq: np.ndarray
+    gene_nnz: np.ndarray
+    n_empty_cells: int
+
+    @property
+    def n_genes(self) -> int:
+        return len(self.var_names)
+
+    @property
+    def n_used(self) -> int:
+        """Cells the statistics are over: the non-empty ones."""
+        return self.n_cells - self.n_empty_cells
+
+    @property
+    def gene_mean(self) -> np.ndarray:
+        """Mean normalised value per gene over non-empty cells, shape (n_genes,)."""
+        return self.gene_sum / max(self.n_used, 1)
+
+    @property
+    def gene_var(self) -> np.ndarray:
+        """Sample variance (n-1) per gene over non-empty cells, shape (n_genes,); 0 for < 2 cells.
+
+        Computed from the sums as (sumsq - sum**2/n) / (n-1). In float64 the cancellation error
+        relative to the variance is about 1e-16 * (1 + mean**2/var) per operation; normalised
+        single-cell values have coefficients of variation far above 1e-3, so the error stays
+        below ~1e-10 relative, far under what the selection thresholds can resolve (the tests
+        check it against a two-pass computation on every shared dataset).
+        """
+        n = self.n_used
+        if n < 2:
+            return np.zeros(self.n_genes)
+        var = (self.gene_sumsq - self.gene_sum * (self.gene_sum / n)) / (n - 1)
+        return np.maximum(var, 0.0)
+
+    @property
+    def nu(self) -> float:
+        """Mean over non-empty cells of 1/library size (rliger's "nolan constant"); NaN if none."""
+        lib = self.lib_size[self.lib_size > 0]
+        return float(np.mean(1.0 / lib)) if lib.size else float("nan")
+
+
+def compute_stats(source: Source, *, block_size: int = 20000, progress: Progress = None) -> DatasetStats:
+    """Library sizes and per-gene sums of normalised values, in one streaming pass.
+
+    Parameters
+    ----------
+    source : Source
+        Raw counts, cells x genes.
+    block_size : int
+        Cells per block read.
+    progress : callable or None
+        Called with the number of cells of each block once it is processed.
+
+    Returns
+    -------
+    DatasetStats
+    """
+    _check_block_size(block_size)
+    n, m = source.n_cells, source.n_genes
+    if n == 0:
+        msg = f"{source.name}: expected at least one cell, found an empty dataset (0 cells)"
+        raise InputError(msg)
+    lib_size = np.zeros(n)
+    gene_sum, gene_sumsq = np.zeros(m), np.zeros(m)
+    gene_nnz = np.zeros(m, dtype=np.int64)
+    for start, stop, block in source.iter_blocks(block_size):
+        check_values(block.data, source.name)
+        lib, inv = _row_scale(block)
+        lib_size[start:stop] = lib
+        values = block.data * inv
+        gene_sum += _sum_by(block.indices, values, m)
+        gene_sumsq += _sum_by(block.indices, values * values, m)
+        gene_nnz += np.bincount(block.indices[block.data != 0], minlength=m)
+        if progress is not None:
+            progress(stop - start)
+    n_empty = int(np.count_nonzero(lib_size == 0))
+    if n_empty:
+        logger.info("%s: %d of %d cells have no counts; they stay zero", source.name, n_empty, n)
+    return DatasetStats(
+        name=source.name, n_cells=n, var_names=np.asarray(source.var_names).astype(str),
+        lib_size=lib_size, gene_sum=gene_sum, gene_sumsq=gene_sumsq, gene_nnz=gene_nnz,
+        n_empty_cells=n_empty,
+    )
+
+
+def _gene_test(stats: DatasetStats, thresh: float, alpha: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """rliger's per-dataset test. Returns (passes variance test, passes both, score), each (n_genes,).
+
+    score = log10(var) - log10(mu * nu); -inf or NaN for genes without expression or variance.
+    """
+    mu, var, nu = stats.gene_mean, stats.gene_var, stats.nu
+    z = norm.isf(alpha / stats.n_genes / 2)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        upper = mu + z * np.sqrt(mu * nu / stats.n_used)
+        var_test = var / nu > upper
+        score = np.log10(var) - np.log10(mu * nu)
+    return var_test, var_test & (score > thresh), score
+
+
+def _first_positions(names: np.ndarray) -> dict[str, int]:
+    """Name -> position of its first occurrence."""
+    pos: dict[str, int] = {}
+    for i, g in enumerate(names.tolist()):
+        pos.setdefault(g, i)
+    return pos
+
+
+def select_genes(stats_list: Sequence[DatasetStats], *, thresh: float = 0.1, alpha: float = 0.99,
+                 n_genes: int | None = None, combine: str = "union", genes_in_all=None) -> np.ndarray:
+    """Variable genes by rliger's ``selectGenes`` test, per dataset, then combined.
+
+    Per dataset (normalised values, non-empty cells): nu = mean of 1/libsize, alpha' = alpha / n_genes,
+    upper = mu + z_{1-alpha'/2} sqrt(mu nu / n_cells); a gene is kept if var/nu > upper and
+    log10(var) > log10(mu nu) + thresh. Sets are combined by union or intersection and restricted to
+    genes present (by name) in every dataset.
+
+    With ``n_genes=N`` the ``thresh`` cut is replaced by a ranking: among genes passing the variance test
+    (in any dataset for union, in all for intersection), the N with the highest score
+    log10(var) - log10(mu nu) are kept. A gene's score is its maximum over datasets for union and its
+    minimum for intersection, i.e. the best (resp. weakest) evidence, mirroring the set operation.
+    If fewer than N pass, the top N by score among all shared genes are taken and a warning is logged.
+
+    Parameters
+    ----------
+    stats_list : sequence of DatasetStats
+    thresh, alpha : float
+        rliger's ``thresh`` and ``alpha``.
+    n_genes : int or None
+    combine : {"union", "intersection"}
+    genes_in_all : array of str or None
+        Candidate genes (e.g. the readers' shared genes); default: the names present in every dataset.
+
+    Returns
+    -------
+    ndarray of str, shape (n_selected,)
+        Selected gene names in the first dataset's gene order.
+    """
+    if not stats_list:
+        msg = "select_genes: expected at least one dataset's statistics, found none"
+        raise InputError(msg)
+    if combine not in ("union", "intersection"):
+        msg = f"combine: expected 'union' or 'intersection', found {combine!r}"
+        raise InputError(msg)
+    if not alpha > 0:
+        msg = f"alpha: expected a number > 0, found {alpha!r}"
+        raise InputError(msg)
+    if n_genes is not None and (isinstance(n_genes, bool) or not isinstance(n_genes, int | np.integer) or n_genes < 1):
+        msg = f"n_genes: expected a positive integer or None, found {n_genes!r}"
+        raise InputError(msg)
+
+    first = stats_list[0].var_names
+    shared = np.ones(len(first), dtype=bool)
+    for st in stats_list[1:]:
+        shared &= np.isin(first, st.var_names)
+    if genes_in_all is not None:
+        shared &= np.isin(first, np.asarray(genes_in_all).astype(str))
+    first_pos = _first_positions(first)
+    if len(first_pos) < len(first):
+        logger.warning("%s: %d duplicated gene names; using the first occurrence of each",
+                       stats_list[0].name, len(first) - len(first_pos))
+        shared[[i for i, g in enumerate(first.tolist()) if first_pos[g] != i]] = False
+    candidates = first[shared]
+    if candidates.size == 0:
+        msg = f"datasets {[s.name for s in stats_list]}: expected shared gene names, found none in common"
+        raise InputError(msg)
+
+    union = combine == "union"
+    var_pass = np.zeros(candidates.size, dtype=bool) if union else np.ones(candidates.size, dtype=bool)
+    keep = var_pass.copy()
+    score = np.full(candidates.size, -np.inf if union else np.inf)
+    for st in stats_list:
+        pos = _first_positions(st.var_names)
+        idx = np.array([pos[g] for g in candidates.tolist()], dtype=np.int64)
+        vt, both, sc = (a[idx] for a in _gene_test(st, thresh, alpha))
+        sc = np.where(np.isnan(sc), -np.inf, sc)
+        if union:
+            var_pass |= vt
+            keep |= both
+            score = np.maximum(score, sc)
+        else:
+            var_pass &= vt
+            keep &= both
+            score = np.minimum(score, sc)
+        logger.info("%s: %d genes pass the variance test, %d also pass thresh=%g",
+                    st.name, int(vt.sum()), int(both.sum()), thresh)
+
+    if n_genes is not None:
+        keep = _top_by_score(score, var_pass, n_genes)
+    if not keep.any():
+        msg = (f"select_genes: expected at least one variable gene, found none with thresh={thresh}, "
+               f"alpha={alpha}, combine={combine!r}; lower thresh or pass n_genes")
+        raise InputError(msg)
+    logger.info("selected %d genes (%s of %d datasets)", int(keep.sum()), combine, len(stats_list))
+    return candidates[keep]
+
+
+def _top_by_score(score: np.ndarray, eligible: np.ndarray, n_top: int) -> np.ndarray:
+    """Mask of the ``n_top`` highest finite scores among ``eligible`` (all genes if too few are)."""
+    finite = np.isfinite(score)
+    pool = eligible & finite
+    if pool.sum() < n_top:
+        logger.warning("only %d genes pass the variance test; taking the top %d of %d genes by score instead",
+                       int(pool.sum()), n_top, int(finite.sum()))
+        pool = finite
+    order = np.flatnonzero(pool)
+    order = order[np.argsort(-score[order], kind="stable")][:n_top]
+    keep = np.zeros(score.size, dtype=bool)
+    keep[order] = True
+    return keep
+
+
+def _gene_positions(stats_or_names, genes: np.ndarray, name: str) -> np.ndarray:
+    """Positions of ``genes`` in ``names`` (first occurrence); InputError listing missing ones."""
+    pos = _first_positions(np.asarray(stats_or_names).astype(str))
+    missing = [g for g in genes.tolist() if g not in pos]
+    if missing:
+        msg = (f"{name}: expected all {len(genes)} genes of the model, found {len(missing)} missing "
+               f"(first: {', '.join(missing[:5])})")
+        raise InputError(msg)
+    return np.array([pos[g] for g in genes.tolist()], dtype=np.int64)
+
+
+def scale_factors(stats: DatasetStats, gene_names) -> np.ndarray:
+    """Root mean square per gene of the normalised values: sqrt(sumsq / (n-1)) over non-empty cells.
+
+    rliger's ``scaleNotCenter`` divisor. For a dataset with a single non-empty cell n is used instead
+    of n-1 (which would divide by zero); genes that are all zero in this dataset get 0, meaning
+    "scaled values are 0" rather than NaN.
+
+    Parameters
+    ----------
+    stats : DatasetStats
+    gene_names : array of str, shape (n_selected,)
+
+    Returns
+    -------
+    ndarray of float64, shape (n_selected,)
+    """
+    genes = np.asarray(gene_names).astype(str)
+    idx = _gene_positions(stats.var_names, genes, stats.name)
+    denom = max(stats.n_used - 1, 1)
+    return np.sqrt(stats.gene_sumsq[idx] / denom)
+
+
+def _check_block_size(block_size) -> None:
+    if isinstance(block_size, bool) or not isinstance(block_size, int | np.integer) or block_size < 1:
+        msg = f"block_size: expected a positive integer, found {block_size!r}"
+        raise InputError(msg)
+
+
+def _prepare_block(raw: sp.csr_matrix, col_map: np.ndarray, divisor: np.ndarray, n_out: int) -> sp.csr_matrix:
+    """Normalise rows by their full library size, keep mapped columns, divide by ``divisor``.
+
+    ``col_map[j]`` is the output column of raw gene j, or -1 to drop it; ``divisor`` is per output
+    column (inf where the scale is 0, so those values become 0 and are dropped). Each output row
+    depends only on its raw row, so results do not depend on how rows are blocked.
+    Returns canonical CSR float32 of shape (n_rows, n_out).
+    """
+    n = raw.shape[0]
+    _, inv_lib = _row_scale(raw)
+    cols = col_map[raw.indices]
+    keep = cols >= 0
+    cols = cols[keep]
+    values = ((raw.data[keep] * inv_lib[keep]) / divisor[cols]).astype(np.float32)
+    nonzero = values != 0
+    rows = np.repeat(np.arange(n), np.diff(raw.indptr))[keep][nonzero]
+    indptr = np.zeros(n + 1, dtype=np.int64)
+    np.cumsum(np.bincount(rows, minlength=n), out=indptr[1:])
+    out = sp.csr_matrix((values[nonzero], cols[nonzero], indptr), shape=(n, n_out))
+    out.sort_indices()  # gene_index need not be increasing (other datasets' gene order)
+    return out
+
+
+class _MemoryCache:
+    """Prepared rows held as one CSR matrix, filled block by block."""
+
+    def __init__(self, n_cols: int):
+        self._parts: list[sp.csr_matrix] = []
+        self._n_cols = n_cols
+        self._X: sp.csr_matrix | None = None
+
+    def append(self, block: sp.csr_matrix) -> None:
+        self._parts.append(block)
+
+    def finish(self) -> _MemoryCache:
+        self._X = sp.vstack(self._parts, format="csr") if self._parts else sp.csr_matrix((0, self._n_cols), dtype=np.float32)
+        self._parts = []
+        return self
+
+    def read(self, start: int, stop: int) -> sp.csr_matrix:
+        return self._X[start:stop]
+
+    def close(self) -> None:
+        self._X, self._parts = None, []
+
+
+def _remove_file(fh: h5py.File, path: str) -> None:
+    try:
+        fh.close()
+    finally:
+        if os.path.exists(path):
+            os.remove(path)
+
+
+class _DiskCache:
+    """Prepared rows in a temporary HDF5 CSR file (data, indices, indptr), deleted on close."""
+
+    def __init__(self, n_cols: int, name: str, tmpdir=None):
+        fd, self._path = tempfile.mkstemp(prefix="onlinemf-prepared-", suffix=".h5", dir=tmpdir)
+        os.close(fd)
+        self._n_cols = n_cols
+        self._fh = h5py.File(self._path, "w")
+        self._finalizer = weakref.finalize(self, _remove_file, self._fh, self._path)
+        self._fh.attrs["dataset"] = name
+        chunk = (1 << 16,)
+        self._data = self._fh.create_dataset("data", (0,), np.float32, maxshape=(None,), chunks=chunk)
+        self._indices = self._fh.create_dataset("indices", (0,), np.int32, maxshape=(None,), chunks=chunk)
+        self._indptr = self._fh.create_dataset("indptr", (1,), np.int64, maxshape=(None,), chunks=chunk)
+        self._nnz = 0
+
+    @property
+    def path(self) -> str:
+        return self._path
+
+    def append(self, block: sp.csr_matrix) -> None:
+        nnz, n = block.nnz, block.shape[0]
+        self._data.resize((self._nnz + nnz,))
+        self._indices.resize((self._nnz + nnz,))
+        self._data[self._nnz:] = block.data
+        self._indices[self._nnz:] = block.indices
+        rows = self._indptr.shape[0]
+        self._indptr.resize((rows + n,))
+        self._indptr[rows:] = block.indptr[1:].astype(np.int64) + self._nnz
+        self._nnz += nnz
+
+    def finish(self) -> _DiskCache:
+        self._fh.close()
+        self._fh = h5py.File(self._path, "r")
+        self._finalizer.detach()
+        self._finalizer = weakref.finalize(self, _remove_file, self._fh, self._path)
+        self._data, self._indices = self._fh["data"], self._fh["indices"]
+        self._indptr = self._fh["indptr"]
+        return self
+
+    def read(self, start: int, stop: int) -> sp.csr_matrix:
+        indptr = self._indptr[start:stop + 1]
+        lo, hi = int(indptr[0]), int(indptr[-1])
+        return sp.csr_matrix((self._data[lo:hi], self._indices[lo:hi], indptr - lo), shape=(stop - start, self._n_cols))
+
+    def close(self) -> None:
+        self._finalizer()
+
+
+class PreparedSource(Source):
+    """A raw source seen through normalisation, gene selection and scaling, block by block.
+
+    ``read_block(start, stop)`` = rows divided by their FULL library size (all the source's genes,
+    as rliger normalises before selecting genes), restricted to ``gene_index``, divided by ``scale``
+    (0 where ``scale == 0``), as canonical CSR float32 of shape (stop - start, n_selected).
+
+    Parameters
+    ----------
+    source : Source
+        Raw counts, cells x genes. Stays owned by the caller: :meth:`close` does not close it.
+    gene_index : array of int, shape (n_selected,)
+        Positions of the selected genes in ``source.var_names``.
+    scale : array of float, shape (n_selected,)
+        Divisor per selected gene (see :func:`scale_factors`).
+    cache : {None, "memory", "disk"}
+        Keep the prepared rows after the first full pass (an :meth:`iter_blocks` run to the end, or
+        :meth:`build_cache`, which a first :meth:`read_block` triggers), in memory as CSR or in a
+        temporary HDF5 file under ``tmpdir`` deleted on :meth:`close`. Cached reads equal uncached ones.
+    tmpdir : path or None
+    block_size : int
+        Cells per raw read when the cache is built by a :meth:`read_block`.
+    """
+
+    def __init__(self, source: Source, gene_index, scale, *, cache: str | None = None, tmpdir=None,
+                 block_size: int = 20000):
+        gene_index = np.asarray(gene_index, dtype=np.int64).ravel()
+        scale = np.asarray(scale, dtype=np.float64).ravel()
+        if gene_index.size != scale.size:
+            msg = f"{source.name}: expected one scale per selected gene ({gene_index.size}), found {scale.size}"
+            raise InputError(msg)
+        if gene_index.size and (gene_index.min() < 0 or gene_index.max() >= source.n_genes
+                                or np.unique(gene_index).size != gene_index.size):
+            msg = f"{source.name}: expected distinct gene positions in 0:{source.n_genes}, found others"
+            raise InputError(msg)
+        if not (np.isfinite(scale).all() and (scale >= 0).all()):
+            msg = f"{source.name}: expected finite non-negative scale factors, found NaN, inf or negatives"
+            raise InputError(msg)
+        if cache not in (None, "memory", "disk"):
+            msg = f"cache: expected None, 'memory' or 'disk', found {cache!r}"
+            raise InputError(msg)
+        _check_block_size(block_size)
+        self._raw = source
+        self.name = source.name
+        self.gene_index, self.scale = gene_index, scale
+        self.cache_mode, self._tmpdir, self._block_size = cache, tmpdir, int(block_size)
+        self._var = np.asarray(source.var_names)[gene_index]
+        self._col_map = np.full(source.n_genes, -1, dtype=np.int64)
+        self._col_map[gene_index] = np.arange(gene_index.size)
+        self._divisor = np.where(scale > 0, scale, np.inf)
+        self._cache: _MemoryCache | _DiskCache | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def n_cells(self) -> int:
+        return self._raw.n_cells
+
+    @property
+    def var_names(self) -> np.ndarray:
+        return self._var
+
+    @property
+    def obs_names(self) -> np.ndarray:
+        return self._raw.obs_names
+
+    @property
+    def source(self) -> Source:
+        """The wrapped raw source."""
+        return self._raw
+
+    @property
+    def cached(self) -> bool:
+        """Whether the cache is complete (later reads come from it)."""
+        return self._cache is not None
+
+    def _compute(self, start: int, stop: int) -> sp.csr_matrix:
+        return _prepare_block(self._raw.read_block(start, stop), self._col_map, self._divisor, self.gene_index.size)
+
+    def _new_cache(self) -> _MemoryCache | _DiskCache:
+        if self.cache_mode == "memory":
+            return _MemoryCache(self.gene_index.size)
+        return _DiskCache(self.gene_index.size, self.name, self._tmpdir)
+
+    def read_block(self, start: int, stop: int) -> sp.csr_matrix:
+        _check_range(self, start, stop)
+        if self.cache_mode is None:
+            return self._compute(start, stop)
+        if self._cache is None:
+            self.build_cache()
+        return self._cache.read(start, stop)
+
+    def build_cache(self, *, block_size: int | None = None, progress: Progress = None) -> None:
+        """Fill the cache in one pass over the raw source (no-op without ``cache`` or when built)."""
+        if self.cache_mode is None:
+            return
+        with self._lock:  # a prefetch thread may call read_block at the same time
+            if self._cache is not None:
+                return
+            logger.info("%s: caching prepared data (%s)", self.name, self.cache_mode)
+            cache = self._new_cache()
+            try:
+                for start, stop, block in self._iter_computed(block_size or self._block_size):
+                    cache.append(block)
+                    if progress is not None:
+                        progress(stop - start)
+                self._cache = cache.finish()
+            finally:
+                if self._cache is not cache:
+                    cache.close()
+
+    def _iter_computed(self, block_size: int):
+        for start in range(0, self.n_cells, block_size):
+            stop = min(start + block_size, self.n_cells)
+            yield start, stop, self._compute(start, stop)
+
+    def iter_blocks(self, block_size: int):
+        """Yield ``(start, stop, block)`` over all cells; the first complete pass fills the cache."""
+        _check_block_size(block_size)
+        if self.cache_mode is None or self._cache is not None:
+            yield from super().iter_blocks(block_size)
+            return
+        cache = self._new_cache()
+        try:
+            for start, stop, block in self._iter_computed(block_size):
+                cache.append(block)
+                yield start, stop, block
+            with self._lock:
+                if self._cache is None:
+                    self._cache = cache.finish()
+        finally:
+            if self._cache is not cache:
+                cache.close()
+
+    def close(self) -> None:
+        """Drop the cache (deleting its file); the raw source is left open."""
+        with self._lock:
+            if self._cache is not None:
+                self._cache.close()
+                self._cache = None
+
+
+@dataclass
+class Prepared:
+    """Result of :func:`prepare`.
+
+    Attributes
+    ----------
+    sources : list of PreparedSource
+        One per input dataset, in input order; each yields (n_cells_i, n_genes) blocks.
+    genes : ndarray of str, shape (n_genes,)
+        The genes used, in output column order.
+    stats : list of DatasetStats
+    scales : dict of str -> ndarray of float64, shape (n_genes,)
+        Per dataset name, the per-gene divisor.
+    """
+
+    sources: list[PreparedSource]
+    genes: np.ndarray
+    stats: list[DatasetStats]
+    scales: dict[str, np.ndarray]
+
+    def close(self) -> None:
+        """Drop every source's cache."""
+        for src in self.sources:
+            src.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def prepare(sources: Sequence[Source], *, genes=None, thresh: float = 0.1, alpha: float = 0.99,
+            n_genes: int | None = None, combine: str = "union", block_size: int = 20000,
+            cache: str | None = None, tmpdir=None, progress: Progress = None) -> Prepared:
+    """Statistics (one pass per dataset), gene selection and scaling, as rliger does it.
+
+    Parameters
+    ----------
+    sources : sequence of Source
+        Raw counts, cells x genes, one per dataset; names must be distinct.
+    genes : array of str or None
+        Use these genes (e.g. a fitted model's) instead of selecting; every dataset must have them all.
+    thresh, alpha, n_genes, combine
+        Passed to :func:`select_genes` when ``genes`` is None.
+    block_size : int
+        Cells per streamed block.
+    cache, tmpdir
+        Passed to :class:`PreparedSource`.
+    progress : callable or None
+        Called with the number of cells of each block once it is processed.
+
+    Returns
+    -------
+    Prepared
+    """
+    sources = list(sources)
+    if not sources:
+        msg = "sources: expected at least one dataset, found none"
+        raise InputError(msg)
+    names = [s.name for s in sources]
+    if len(set(names)) != len(names):
+        msg = f"sources: expected distinct dataset names, found {names}"
+        raise InputError(msg)
+    if cache not in (None, "memory", "disk"):
+        msg = f"cache: expected None, 'memory' or 'disk', found {cache!r}"
+        raise InputError(msg)
+    _check_block_size(block_size)
+    for src in sources:
+        if src.n_cells == 0:
+            msg = f"{src.name}: expected at least one cell, found an empty dataset (0 cells)"
+            raise InputError(msg)
+    if genes is not None:
+        genes = np.asarray(genes).astype(str).ravel()
+        if genes.size == 0 or np.unique(genes).size != genes.size:
+            msg = f"genes: expected a non-empty list of distinct gene names, found {genes.size} names with duplicates or none"
+            raise InputError(msg)
+        for src in sources:  # fail before the streaming pass
+            _gene_positions(src.var_names, genes, src.name)
+    stats = [compute_stats(src, block_size=block_size, progress=progress) for src in sources]
+    if genes is None:
+        genes = select_genes(stats, thresh=thresh, alpha=alpha, n_genes=n_genes, combine=combine)
+    scales = {st.name: scale_factors(st, genes) for st in stats}
+    prepared = [
+        PreparedSource(src, _gene_positions(src.var_names, genes, src.name), scales[src.name],
+                       cache=cache, tmpdir=tmpdir, block_size=block_size)
+        for src in sources
+    ]
+    return Prepared(sources=prepared, genes=genes, stats=stats, scales=scales)
