@@ -45,13 +45,15 @@ def _append(dataset: h5py.Dataset, values: np.ndarray) -> None:
     dataset[n:] = values
 
 
-def convert_csc(group: h5py.Group, shape: tuple[int, int], out_path: Path, *, progress=None, budget: int = SPAN_VALUES) -> None:
+def convert_csc(group: h5py.Group, shape: tuple[int, int], out_path: Path, *, progress=None, budget: int | None = None) -> None:
     """Write the CSC ``group`` (``data``, ``indices`` = row ids, ``indptr`` per column) of ``shape``
     (n_rows, n_cols) as CSR float32 datasets ``data``/``indices``/``indptr`` in a new file ``out_path``.
 
+    ``budget`` bounds the stored values held at once (default ``SPAN_VALUES``).
     ``progress(done, total)``, if given, is called after each of the ``total`` steps.
     Values are copied as float32 without checks (the reader checks every block it serves).
     """
+    budget = SPAN_VALUES if budget is None else budget
     n_rows, n_cols = shape
     colptr = np.asarray(group["indptr"][()], dtype=np.int64)
     data, row_ids = group["data"], group["indices"]

@@ -155,7 +155,10 @@ def _tenx_any_layout(h5) -> dict:
     try:
         return tenx_layout(h5)
     except InputError:
-        genomes = tenx_v2_genomes(h5) or list(dict.fromkeys(read_strings(h5["matrix/features/genome"]).tolist()))
+        if detect_format(h5) == "10x-v2":
+            genomes = tenx_v2_genomes(h5)
+        else:
+            genomes = list(dict.fromkeys(read_strings(h5["matrix/features/genome"]).tolist()))
         return tenx_layout(h5, genomes[0])
 
 

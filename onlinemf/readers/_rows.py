@@ -63,9 +63,11 @@ class DenseRows:
         return sp.csr_matrix(block)
 
 
-def spans(file_rows: np.ndarray, span_rows: int, max_gap: int = MAX_GAP_ROWS):
+def spans(file_rows: np.ndarray, span_rows: int, max_gap: int | None = None):
     """Split sorted ``file_rows`` into reads: yield ``(lo, hi, i0, i1)`` where the file-row range
-    ``lo:hi`` (at most ``span_rows`` long) covers ``file_rows[i0:i1]``."""
+    ``lo:hi`` (at most ``span_rows`` long) covers ``file_rows[i0:i1]``; wanted rows more than ``max_gap`` apart (default ``MAX_GAP_ROWS``)
+    go to separate reads."""
+    max_gap = MAX_GAP_ROWS if max_gap is None else max_gap
     n = len(file_rows)
     if n == 0:
         return
