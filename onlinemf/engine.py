@@ -185,7 +185,7 @@ class OnlineINMF:
             bad = np.flatnonzero(names != self.var_names_in_)
             if bad.size:
                 msg = (f"{what}: expected the model's genes in the same order, found {bad.size} differing, "
-                       f"first {names[bad[0]]!r} where the model has {self.var_names_in_[bad[0]]!r}")
+                       f"first {str(names[bad[0]])!r} where the model has {str(self.var_names_in_[bad[0]])!r}")
                 raise InputError(msg)
 
     # ------------------------------------------------------------------ initialisation
@@ -411,13 +411,13 @@ class OnlineINMF:
             New datasets only, with the model's genes.
         progress, checkpoint, resume : as in :meth:`fit`.
         """
-        self._check_fitted()
         sources = as_sources(sources)
         self._validate_params()
         with self._threads():
             if resume is not None:
                 state = self._resume(resume, sources, "update")
             else:
+                self._check_fitted()
                 for s in sources:
                     if s.name in self.V_:
                         msg = f"update: expected new dataset names, found {s.name!r} already in the model"
