@@ -1,9 +1,9 @@
 """One-off conversion of an on-disk CSC matrix to a temporary CSR HDF5 file, in bounded memory.
 
 Row blocks of a CSC matrix touch every column, so streaming cells from it directly would re-read
-the whole file per block. Instead we pass over the columns once in blocks of about
-``SPAN_VALUES`` stored values, append each block's entries to per-row-chunk buckets on disk, then
-turn each bucket into CSR rows. Memory stays near one column block plus one row chunk.
+the whole file per block. Instead we pass over the columns once in blocks of about ``budget``
+stored values, append each block's entries to per-row-chunk bucket files, then turn each bucket
+into CSR rows (an external bucket sort). Memory stays near one column block plus one row chunk.
 """
 
 from __future__ import annotations
@@ -35,8 +35,11 @@ def _column_blocks(colptr: np.ndarray, budget: int):
         c0 = c1
 
 
+_TRIPLET = np.dtype([("row", "<i4"), ("col", "<i4"), ("val", "<f4")])
+
+
 def _appendable(group: h5py.Group, name: str, dtype) -> h5py.Dataset:
-    return group.create_dataset(name, shape=(0,), maxshape=(None,), dtype=dtype, chunks=(1 << 16,))
+    return group.create_dataset(name, shape=(0,), maxshape=(None,), dtype=dtype, chunks=(1 << 18,))
 
 
 def _append(dataset: h5py.Dataset, values: np.ndarray) -> None:
@@ -45,54 +48,62 @@ def _append(dataset: h5py.Dataset, values: np.ndarray) -> None:
     dataset[n:] = values
 
 
+def default_budget(nnz: int) -> int:
+    """Values held at once: ``SPAN_VALUES / 4`` (~32 MB of scratch), more for huge matrices so that
+    the number of pieces (column blocks x row chunks) stays below about 256 x 256."""
+    return int(min(max(SPAN_VALUES // 4, nnz // 256), 2 * SPAN_VALUES))
+
+
 def convert_csc(group: h5py.Group, shape: tuple[int, int], out_path: Path, *, progress=None, budget: int | None = None) -> None:
     """Write the CSC ``group`` (``data``, ``indices`` = row ids, ``indptr`` per column) of ``shape``
     (n_rows, n_cols) as CSR float32 datasets ``data``/``indices``/``indptr`` in a new file ``out_path``.
 
-    ``budget`` bounds the stored values held at once (default ``SPAN_VALUES``).
+    ``budget`` bounds the stored values held at once (default :func:`default_budget`); scratch
+    memory peaks near 32 bytes per budgeted value.
     ``progress(done, total)``, if given, is called after each of the ``total`` steps.
     Values are copied as float32 without checks (the reader checks every block it serves).
     """
-    budget = SPAN_VALUES if budget is None else budget
     n_rows, n_cols = shape
     colptr = np.asarray(group["indptr"][()], dtype=np.int64)
     data, row_ids = group["data"], group["indices"]
     nnz = int(colptr[-1])
+    budget = default_budget(nnz) if budget is None else budget
     rows_per_chunk = max(1, math.ceil(n_rows * budget / max(1, nnz)))
     chunk_starts = np.arange(0, n_rows, rows_per_chunk)
     col_blocks = list(_column_blocks(colptr, budget))
     total, done = len(col_blocks) + len(chunk_starts), 0
-    # Buckets live in their own file, deleted at the end: HDF5 does not reclaim deleted space.
-    bucket_path = out_path.with_name(out_path.name + ".buckets")
-    with h5py.File(bucket_path, "w") as buckets, h5py.File(out_path, "w") as out:
-        triplets = [
-            tuple(_appendable(buckets, f"{i}/{kind}", dt) for kind, dt in (("row", np.int32), ("col", np.int32), ("val", np.float32)))
-            for i in range(len(chunk_starts))
-        ]
-        for c0, c1 in col_blocks:
-            first, last = int(colptr[c0]), int(colptr[c1])
-            block = sp.csc_matrix(
-                (np.asarray(data[first:last]).astype(np.float32), np.asarray(row_ids[first:last]), colptr[c0 : c1 + 1] - first),
-                shape=(n_rows, c1 - c0),
-            ).tocoo()
-            which = block.row // rows_per_chunk
-            order = np.argsort(which, kind="stable")
-            bounds = np.searchsorted(which[order], np.arange(len(chunk_starts) + 1))
-            for i, (b0, b1) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
-                if b1 > b0:
-                    sel = order[b0:b1]
-                    _append(triplets[i][0], (block.row[sel] - chunk_starts[i]).astype(np.int32))
-                    _append(triplets[i][1], (block.col[sel] + c0).astype(np.int32))
-                    _append(triplets[i][2], block.data[sel])
-            done += 1
-            if progress is not None:
-                progress(done, total)
+    # Buckets are plain append-only files of (row, col, value) records: appending to many HDF5
+    # datasets in turn thrashes its chunk cache, and HDF5 never reclaims deleted space.
+    buckets = [out_path.with_name(f"{out_path.name}.bucket{i}") for i in range(len(chunk_starts))]
+    for c0, c1 in col_blocks:
+        first, last = int(colptr[c0]), int(colptr[c1])
+        block = sp.csc_matrix(
+            (np.asarray(data[first:last]).astype(np.float32), np.asarray(row_ids[first:last]), colptr[c0 : c1 + 1] - first),
+            shape=(n_rows, c1 - c0),
+        ).tocsr()  # the rows of each chunk are now one contiguous range
+        for bucket, r0 in zip(buckets, chunk_starts, strict=True):
+            r1 = min(r0 + rows_per_chunk, n_rows)
+            a, b = int(block.indptr[r0]), int(block.indptr[r1])
+            if b > a:
+                records = np.empty(b - a, dtype=_TRIPLET)
+                records["row"] = np.repeat(np.arange(r1 - r0, dtype=np.int32), np.diff(block.indptr[r0 : r1 + 1]))
+                records["col"] = block.indices[a:b] + c0
+                records["val"] = block.data[a:b]
+                with open(bucket, "ab") as handle:
+                    records.tofile(handle)
+        del block
+        done += 1
+        if progress is not None:
+            progress(done, total)
+    with h5py.File(out_path, "w") as out:
         out_data, out_indices = _appendable(out, "data", np.float32), _appendable(out, "indices", np.int32)
         indptr = np.zeros(n_rows + 1, dtype=np.int64)
-        for i, r0 in enumerate(chunk_starts):
+        for bucket, r0 in zip(buckets, chunk_starts, strict=True):
             r1 = min(r0 + rows_per_chunk, n_rows)
-            row, col, val = (ds[()] for ds in triplets[i])
-            chunk = sp.coo_matrix((val, (row, col)), shape=(r1 - r0, n_cols)).tocsr()
+            records = np.fromfile(bucket, dtype=_TRIPLET) if bucket.exists() else np.empty(0, dtype=_TRIPLET)
+            chunk = sp.coo_matrix((records["val"], (records["row"], records["col"])), shape=(r1 - r0, n_cols)).tocsr()
+            del records
+            bucket.unlink(missing_ok=True)
             chunk.sum_duplicates()
             indptr[r0 + 1 : r1 + 1] = indptr[r0] + chunk.indptr[1:]
             _append(out_data, chunk.data)
@@ -101,7 +112,6 @@ def convert_csc(group: h5py.Group, shape: tuple[int, int], out_path: Path, *, pr
             if progress is not None:
                 progress(done, total)
         out.create_dataset("indptr", data=indptr)
-    bucket_path.unlink()
 
 
 def _remove(h5: h5py.File, folder: str) -> None:
