@@ -144,12 +144,13 @@ def _fail(path, what) -> None:
 def _dset(path, group, key, shape, dtypes=("f",)):
     """Return the h5py dataset ``group[key]`` after checking its shape and kind from metadata."""
     d = group.get(key)
+    label = "/".join(p for p in (group.name.strip("/"), key) if p)
     if not isinstance(d, h5py.Dataset):
-        _fail(path, f"missing array {group.name.rstrip('/')}/{key}")
+        _fail(path, f"missing array {label}")
     if d.shape != shape:
-        _fail(path, f"{group.name.rstrip('/')}/{key} has shape {d.shape}, expected {shape}")
+        _fail(path, f"{label} has shape {d.shape}, expected {shape}")
     if d.dtype.kind not in dtypes:
-        _fail(path, f"{group.name.rstrip('/')}/{key} has dtype {d.dtype}, expected numbers")
+        _fail(path, f"{label} has dtype {d.dtype}, expected {'numbers' if dtypes == ('f',) else 'strings'}")
     return d
 
 
