@@ -229,7 +229,8 @@ def select_genes(stats_list: Sequence[DatasetStats], *, thresh: float = 0.1, alp
     (in any dataset for union, in all for intersection), the N with the highest score
     log10(var) - log10(mu nu) are kept. A gene's score is its maximum over datasets for union and its
     minimum for intersection, i.e. the best (resp. weakest) evidence, mirroring the set operation.
-    If fewer than N pass, the top N by score among all shared genes are taken and a warning is logged.
+    If fewer than N pass, all of them are kept plus the best-scoring other genes up to N, and a warning
+    is logged (genes without a finite score, i.e. not expressed or without variance, are never taken).
 
     Parameters
     ----------
@@ -306,23 +307,22 @@ def select_genes(stats_list: Sequence[DatasetStats], *, thresh: float = 0.1, alp
 
 
 def _top_by_score(score: np.ndarray, eligible: np.ndarray, n_top: int) -> np.ndarray:
-    """Mask of the ``n_top`` highest finite scores among ``eligible`` (all genes if too few are)."""
+    """Mask of the ``n_top`` genes ranked eligible-first, then by decreasing finite score."""
     finite = np.isfinite(score)
-    pool = eligible & finite
-    if pool.sum() < n_top:
-        logger.warning("only %d genes pass the variance test; taking the top %d of %d genes by score instead",
-                       int(pool.sum()), n_top, int(finite.sum()))
-        pool = finite
-    order = np.flatnonzero(pool)
-    order = order[np.argsort(-score[order], kind="stable")][:n_top]
+    if (eligible & finite).sum() < n_top:
+        logger.warning("only %d genes pass the variance test; filling up to %d with the best-scoring others "
+                       "(%d genes have a finite score)", int((eligible & finite).sum()), n_top, int(finite.sum()))
+    order = np.flatnonzero(finite)
+    # lexsort: last key is primary -> eligible genes first, then higher score, ties in gene order
+    order = order[np.lexsort((order, -score[order], ~eligible[order]))][:n_top]
     keep = np.zeros(score.size, dtype=bool)
     keep[order] = True
     return keep
 
 
-def _gene_positions(stats_or_names, genes: np.ndarray, name: str) -> np.ndarray:
-    """Positions of ``genes`` in ``names`` (first occurrence); InputError listing missing ones."""
-    pos = _first_positions(np.asarray(stats_or_names).astype(str))
+def _gene_positions(names, genes: np.ndarray, name: str) -> np.ndarray:
+    """Positions of ``genes`` in ``names`` (first occurrence); InputError naming dataset ``name``."""
+    pos = _first_positions(np.asarray(names).astype(str))
     missing = [g for g in genes.tolist() if g not in pos]
     if missing:
         msg = (f"{name}: expected all {len(genes)} genes of the model, found {len(missing)} missing "

@@ -235,8 +235,10 @@ def test_n_genes_takes_top_scores_among_variance_test_passers(kang_stats, kang_r
 def test_n_genes_beyond_passers_warns_and_fills(kang_stats, caplog):
     with caplog.at_level(logging.WARNING, logger="onlinemf.preprocess"):
         genes = select_genes(kang_stats, n_genes=9000)
-    assert genes.size == 9000
-    assert "pass the variance test" in caplog.text
+    assert genes.size == 9000 and "pass the variance test" in caplog.text
+    everything_passing = select_genes(kang_stats, thresh=-np.inf)  # variance test only
+    assert 0 < everything_passing.size < 9000
+    assert set(everything_passing) <= set(genes)  # passers come first, the rest fill up
 
 
 def test_n_genes_must_be_positive(kang_stats):
