@@ -51,7 +51,7 @@ def as_sources(sources) -> list[Source]:
     if isinstance(sources, Source):
         sources = [sources]
     if isinstance(sources, Mapping):
-        sources = [s if isinstance(s, Source) else MemorySource(s, name=str(n)) for n, s in sources.items()]
+        sources = [s if isinstance(s, Source) else _unnamed_source(s, str(n)) for n, s in sources.items()]
     sources = list(sources)
     if not sources or not all(isinstance(s, Source) for s in sources):
         msg = f"sources: expected a non-empty list of Source objects or a dict name -> matrix, found {sources!r:.80}"
@@ -61,6 +61,17 @@ def as_sources(sources) -> list[Source]:
         msg = f"sources: expected distinct dataset names, found {names}"
         raise InputError(msg)
     return sources
+
+
+def _unnamed_source(X, name: str) -> MemorySource:
+    source = MemorySource(X, name=name)
+    source._onlinemf_unnamed_genes = True  # placeholder gene names: never compared with the model's
+    return source
+
+
+def gene_names(source: Source):
+    """The source's gene names, or None when they are placeholders of a wrapped matrix."""
+    return None if getattr(source, "_onlinemf_unnamed_genes", False) else source.var_names
 
 
 class OnlineINMF:
@@ -211,9 +222,9 @@ class OnlineINMF:
         """
         sources = as_sources(sources)
         first = sources[0]
-        self._reset(first.n_genes, first.var_names)
+        self._reset(first.n_genes, gene_names(first))
         for s in sources:
-            self._check_genes(s.n_genes, s.var_names, s.name)
+            self._check_genes(s.n_genes, gene_names(s), s.name)
         for s in sources:
             self._add_dataset(s.name, self._sample_v_from_source(s), s.n_cells)
         return self
@@ -422,7 +433,7 @@ class OnlineINMF:
                     if s.name in self.V_:
                         msg = f"update: expected new dataset names, found {s.name!r} already in the model"
                         raise InputError(msg)
-                    self._check_genes(s.n_genes, s.var_names, s.name)
+                    self._check_genes(s.n_genes, gene_names(s), s.name)
                 self.frozen_.update(self.dataset_names_)
                 for s in sources:
                     self._add_dataset(s.name, self._sample_v_from_source(s), s.n_cells)
@@ -477,7 +488,7 @@ class OnlineINMF:
             The exact loss of this dataset with the returned H (when ``with_objective``).
         """
         W, V = self._factors(dataset)
-        self._check_genes(source.n_genes, source.var_names, source.name)
+        self._check_genes(source.n_genes, gene_names(source), source.name)
         H = np.empty((source.n_cells, self.n_components), dtype=self._dt)
         total = 0.0
         with self._threads():
@@ -491,7 +502,7 @@ class OnlineINMF:
         total = 0.0
         for s in as_sources(sources):
             W, V = self._factors(s.name)
-            self._check_genes(s.n_genes, s.var_names, s.name)
+            self._check_genes(s.n_genes, gene_names(s), s.name)
             with self._threads():
                 for _, _, X in s.iter_blocks(block_size):
                     total += self._h_block(X.astype(self._dt, copy=False), W, V, True)[1]

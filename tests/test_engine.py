@@ -204,6 +204,8 @@ def test_input_errors():
     bad = MemorySource(data["d0"], name="new", var_names=[f"h{i}" for i in range(120)])
     with pytest.raises(InputError, match="first 'h0' where the model has 'g0'"):
         est.update([bad])
+    assert list(est.var_names_in_[:2]) == ["g0", "g1"]
+    assert est.objective({"d0": data["d0"]}) > 0  # a bare matrix has no gene names to compare
 
 
 # ----------------------------------------------------------------------------- transform
