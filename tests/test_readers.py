@@ -14,6 +14,7 @@ from onlinemf.readers import (
     MemorySource,
     TenxH5Source,
     as_source,
+    batch_rows,
     describe,
     guess_batch_key,
     open_source,
@@ -154,6 +155,9 @@ def test_batch_key_split_shares_one_csc_conversion(tmp_path, rng):
     adata.write_h5ad(path)
     sources = open_sources(path, batch_key="batch", tmp_dir=tmp_path)
     assert [s.name for s in sources] == ["b2", "b0", "b1"]  # category order
+    for (name, rows), source in zip(batch_rows(path, "batch"), sources, strict=True):
+        assert name == source.name
+        np.testing.assert_array_equal(rows, source.rows)
     assert sources[0]._converted is sources[1]._converted is sources[2]._converted
     for source in sources:
         assert_source_equals(source, X[(adata.obs["batch"] == source.name).to_numpy()], ranges=[(0, source.n_cells)], block_size=20)

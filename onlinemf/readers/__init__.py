@@ -5,6 +5,7 @@ from ._h5ad import H5adSource
 from ._open import (
     BATCH_KEY_CANDIDATES,
     as_source,
+    batch_rows,
     describe,
     file_format,
     guess_batch_key,
@@ -22,6 +23,7 @@ __all__ = [
     "Source",
     "TenxH5Source",
     "as_source",
+    "batch_rows",
     "check_values",
     "describe",
     "file_format",

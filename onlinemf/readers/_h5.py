@@ -4,7 +4,6 @@ string and obs-column decoding across anndata on-disk layouts (0.6 to 0.13), uni
 from __future__ import annotations
 
 import collections
-import logging
 from pathlib import Path
 
 import h5py
@@ -12,8 +11,6 @@ import numpy as np
 import pandas as pd
 
 from .._errors import InputError
-
-logger = logging.getLogger(__name__)
 
 FORMATS = ("h5ad", "10x-v3", "10x-v2")
 

@@ -164,6 +164,7 @@ class H5adSource(Source):
         self._n_file_rows = shape[0]
         self._obs = None
         self.layer, self.use_raw = layer, use_raw
+        logger.debug("opened %s: %s %s, %d of %d cells", self._label, self.encoding, shape, self.n_cells, shape[0])
 
     @property
     def n_cells(self) -> int:

@@ -26,7 +26,7 @@ from ._h5 import (
     read_strings,
     tenx_v2_genomes,
 )
-from ._h5ad import H5adSource, layer_names, locate_matrix, matrix_encoding, matrix_shape
+from ._h5ad import H5adSource, layer_names, matrix_encoding, matrix_shape
 from ._tenx import TenxH5Source, tenx_layout
 
 logger = logging.getLogger(__name__)
@@ -69,8 +69,11 @@ def open_source(path, *, layer=None, use_raw=False, genome=None, name=None, **h5
     return TenxH5Source(path, genome=genome, name=name)
 
 
-def _batch_rows(path, batch_key: str) -> list[tuple[str, np.ndarray]]:
-    """``(category, sorted file rows)`` for each category of ``obs[batch_key]``, in category order."""
+def batch_rows(path, batch_key: str) -> list[tuple[str, np.ndarray]]:
+    """``(category, sorted file rows)`` for each category of ``obs[batch_key]`` with cells, in category order.
+
+    Reads only that obs column (cheap: use it to count cells per batch without opening sources).
+    """
     with open_h5(path) as h5:
         if detect_format(h5) != "h5ad":
             msg = f"{path}: batch_key= needs an .h5ad file with obs columns, found a {detect_format(h5)} file"
@@ -123,7 +126,7 @@ def open_sources(paths, *, batch_key=None, layer=None, use_raw=False, genome=Non
             if batch_key is None:
                 sources.append(open_source(path, layer=layer, use_raw=use_raw, genome=genome, name=stem, tmp_dir=tmp_dir, progress=progress))
                 continue
-            batches = _batch_rows(path, batch_key)
+            batches = batch_rows(path, batch_key)
             prefix = f"{stem}:" if len(paths) > 1 else ""
             first = H5adSource(path, layer=layer, use_raw=use_raw, rows=batches[0][1], name=prefix + batches[0][0], tmp_dir=tmp_dir, progress=progress)
             sources.append(first)
@@ -291,6 +294,3 @@ def as_source(obj, *, name: str = "dataset", layer: str | None = None) -> Source
         return MemorySource(obj, name=name)
     msg = f"{name}: expected an AnnData, scipy sparse matrix or numpy array, found {type(obj).__name__}"
     raise InputError(msg)
-
-
-

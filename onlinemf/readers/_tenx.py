@@ -12,7 +12,7 @@ from .._errors import InputError
 from ._base import Source, _check_range, check_values
 from ._h5 import detect_format, duplicates, make_unique, open_h5, read_strings, tenx_v2_genomes
 from ._h5ad import check_numeric
-from ._rows import read_rows, CsrRows
+from ._rows import CsrRows, read_rows
 
 logger = logging.getLogger(__name__)
 
