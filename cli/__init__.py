@@ -1,12 +1,234 @@
-"""The ``onlinemf`` command line (installed as ``onlinemf.cli``)."""
+"""The ``onlinemf`` command line (installed as ``onlinemf.cli``): parse options, call the pipelines.
+
+User errors (``InputError``) are shown as one line on stderr with exit status 2; an interrupt exits 130 and
+leaves no partial outputs (outputs are only renamed into place when complete).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import sys
+from pathlib import Path
 
 import click
 
+from onlinemf._errors import InputError
 
-@click.group()
+OUT_FILE = click.Path(exists=False, dir_okay=False, path_type=Path)
+
+
+def _user_errors(func):
+    """Turn user errors into one clean line and a non-zero exit, never a traceback."""
+
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        try:
+            return func(*args, **kwargs)
+        except InputError as err:
+            raise click.ClickException(str(err)) from None
+        except KeyboardInterrupt:
+            click.echo("Interrupted: no output was written (a --checkpoint, if given, allows --resume).", err=True)
+            sys.exit(130)
+        except MemoryError:
+            raise click.ClickException("out of memory: lower --batch-size or use fewer genes (--n-genes)") from None
+
+    return wrapper
+
+
+def _progress(quiet: bool):
+    from onlinemf._progress import NullProgress, tqdm_progress
+
+    return NullProgress if quiet else tqdm_progress
+
+
+def _setup_logging(quiet: bool, verbose: int):
+    level = logging.WARNING if quiet else (logging.DEBUG if verbose > 1 else logging.INFO)
+    logging.basicConfig(level=level, format="%(message)s", stream=sys.stderr)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
 @click.version_option(package_name="onlinemf")
 def main():
-    """Streaming online integrative NMF for single-cell data."""
+    """Streaming online integrative NMF (online iNMF) for single-cell data.
+
+    \b
+    Scenario 1  onlinemf fit pbmc.h5ad --k 20 --lambda 5 -o results.h5ad --model model.h5
+    Scenario 2  onlinemf update model.h5 new.h5ad -o new_results.h5ad --model-out model2.h5
+    Scenario 3  onlinemf project model.h5 query.h5ad -o projected.h5ad
+    """
+
+
+def _input_options(func):
+    options = [
+        click.option("--batch-key", default=None, help="obs column naming each cell's dataset (one .h5ad input). Default: guessed from common names (batch, dataset, sample, ...); 'none' = one dataset."),
+        click.option("--layer", default=None, help="Read counts from layers[NAME] instead of X."),
+        click.option("--raw", "use_raw", is_flag=True, help="Read counts from raw/X."),
+        click.option("--genome", default=None, help="Genome to read from a multi-genome 10x .h5."),
+        click.option("--threads", default=1, type=click.IntRange(min=1), help="BLAS threads."),
+        click.option("--quiet", "-q", is_flag=True, help="No progress bars or summary."),
+        click.option("-v", "--verbose", count=True, help="More log messages."),
+    ]
+    for opt in reversed(options):
+        func = opt(func)
+    return func
+
+
+def _output_options(func):
+    options = [
+        click.option("--cluster/--no-cluster", default=True, help="Leiden clustering of the normalised H (needs the 'cluster' extra)."),
+        click.option("--umap/--no-umap", default=True, help="UMAP of the normalised H (needs the 'umap' extra)."),
+        click.option("--resolution", default=1.0, type=click.FloatRange(min=0, min_open=True), help="Leiden resolution."),
+        click.option("--plots", type=click.Path(file_okay=False, path_type=Path), default=None, help="Folder for PNG plots (UMAP by dataset and cluster, objective)."),
+        click.option("--copy-x", is_flag=True, help="Copy the input counts into the results file (single .h5ad input)."),
+    ]
+    for opt in reversed(options):
+        func = opt(func)
+    return func
+
+
+def _resolve_batch_key(inputs, batch_key, quiet):
+    """The dataset split the user means, said out loud."""
+    if batch_key is not None:
+        return None if batch_key.lower() == "none" else batch_key
+    if len(inputs) != 1:
+        return None
+    from onlinemf.readers import describe, guess_batch_key
+
+    info = describe(inputs[0])
+    if info.get("format") != "h5ad":
+        return None
+    key = guess_batch_key(info.get("obs_columns", {}), info["n_cells"])
+    if key is None:
+        click.echo(
+            f"Treating {inputs[0]} as one dataset: no batch column found in obs. "
+            "Name one with --batch-key COLUMN to integrate its categories.",
+            err=True,
+        )
+    elif not quiet:
+        n = info["obs_columns"][key]
+        click.echo(f"Datasets: obs column '{key}' ({n} categories). Use --batch-key to choose another, or --batch-key none.", err=True)
+    return key
+
+
+def _summary(summary, quiet):
+    if quiet:
+        return
+    ds = ", ".join(f"{k} ({v:,})" for k, v in summary.datasets.items())
+    click.echo(f"\n{summary.scenario}: {summary.n_cells:,} cells in {len(summary.datasets)} dataset(s): {ds}", err=True)
+    click.echo(f"genes used: {summary.n_genes:,}   time: {summary.seconds:.1f} s", err=True)
+    if summary.objective is not None:
+        click.echo(f"objective: {summary.objective:.6g}", err=True)
+    for path in summary.outputs:
+        click.echo(f"wrote {path}", err=True)
+
+
+def _default_output(inputs, suffix):
+    first = Path(inputs[0])
+    return first.with_name(first.name.split(".")[0] + suffix)
+
+
+@main.command()
+@click.argument("inputs", nargs=-1, required=True, type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--k", "k", default=20, type=click.IntRange(min=1), help="Number of factors K.")
+@click.option("--lambda", "lam", default=5.0, type=click.FloatRange(min=0), help="Regularisation of the dataset-specific factors.")
+@click.option("--epochs", default=5, type=click.IntRange(min=1), help="Passes over the data.")
+@click.option("--batch-size", default=5000, type=click.IntRange(min=1), help="Cells per mini-batch (all datasets together).")
+@click.option("--seed", default=1, type=int, help="Random seed.")
+@click.option("--n-genes", default=None, type=click.IntRange(min=1), help="Select this many variable genes (instead of --var-thresh).")
+@click.option("--var-thresh", default=0.1, type=float, help="rliger's variance threshold for gene selection.")
+@click.option("--combine", default="union", type=click.Choice(["union", "intersection"]), help="How per-dataset gene sets combine.")
+@_input_options
+@click.option("-o", "--output", type=OUT_FILE, default=None, help="Results .h5ad. Default: INPUT_inmf.h5ad beside the first input.")
+@click.option("--model", type=OUT_FILE, default=None, help="Model .h5 for update/project. Default: INPUT_model.h5 beside the first input.")
+@_output_options
+@click.option("--checkpoint", type=OUT_FILE, default=None, help="Save the fit state here every few mini-batches.")
+@click.option("--checkpoint-every", default=20, type=click.IntRange(min=1), help="Mini-batches between checkpoints.")
+@click.option("--resume", is_flag=True, help="Continue from --checkpoint if it exists.")
+@_user_errors
+def fit(inputs, k, lam, epochs, batch_size, seed, n_genes, var_thresh, combine, batch_key, layer, use_raw, genome, threads, quiet, verbose, output, model, cluster, umap, resolution, plots, copy_x, checkpoint, checkpoint_every, resume):
+    """Scenario 1: integrate datasets (several INPUTS, or one .h5ad split by --batch-key)."""
+    from onlinemf import pipelines
+
+    _setup_logging(quiet, verbose)
+    if resume and checkpoint is None:
+        raise InputError("--resume needs --checkpoint PATH (the checkpoint to continue from)")
+    key = _resolve_batch_key(inputs, batch_key, quiet)
+    opts = pipelines.FitOptions(
+        k=k, lam=lam, epochs=epochs, batch_size=batch_size, seed=seed, n_genes=n_genes, var_thresh=var_thresh,
+        combine=combine, batch_key=key, layer=layer, use_raw=use_raw, genome=genome, cluster=cluster, umap=umap,
+        resolution=resolution, plots=plots, copy_x=copy_x, threads=threads, checkpoint=checkpoint,
+        checkpoint_every=checkpoint_every, resume=resume,
+    )
+    output = output or _default_output(inputs, "_inmf.h5ad")
+    model = model or _default_output(inputs, "_model.h5")
+    summary = pipelines.fit(inputs, output=output, model=model, options=opts, progress=_progress(quiet))
+    _summary(summary, quiet)
+
+
+@main.command()
+@click.argument("model", type=click.Path(exists=False, dir_okay=False, path_type=Path))
+@click.argument("inputs", nargs=-1, required=True, type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--epochs", default=5, type=click.IntRange(min=1), help="Passes over the new data.")
+@_input_options
+@click.option("-o", "--output", type=OUT_FILE, default=None, help="Results .h5ad for the new cells. Default: INPUT_inmf.h5ad.")
+@click.option("--model-out", type=OUT_FILE, default=None, help="Updated model. Default: MODEL_updated.h5 (MODEL is never overwritten).")
+@_output_options
+@_user_errors
+def update(model, inputs, epochs, batch_key, layer, use_raw, genome, threads, quiet, verbose, output, model_out, cluster, umap, resolution, plots, copy_x):
+    """Scenario 2: learn from new datasets with a saved MODEL, without reading the old data."""
+    from onlinemf import pipelines
+
+    _setup_logging(quiet, verbose)
+    key = _resolve_batch_key(inputs, batch_key, quiet)
+    opts = pipelines.FitOptions(epochs=epochs, batch_key=key, layer=layer, use_raw=use_raw, genome=genome, threads=threads, cluster=cluster, umap=umap, resolution=resolution, plots=plots, copy_x=copy_x)
+    output = output or _default_output(inputs, "_inmf.h5ad")
+    model_out = model_out or model.with_name(model.stem + "_updated.h5")
+    summary = pipelines.update(model, inputs, output=output, model_out=model_out, options=opts, progress=_progress(quiet))
+    _summary(summary, quiet)
+
+
+@main.command()
+@click.argument("model", type=click.Path(exists=False, dir_okay=False, path_type=Path))
+@click.argument("inputs", nargs=-1, required=True, type=click.Path(dir_okay=False, path_type=Path))
+@_input_options
+@click.option("-o", "--output", type=OUT_FILE, default=None, help="Results .h5ad. Default: INPUT_projected.h5ad.")
+@_output_options
+@_user_errors
+def project(model, inputs, batch_key, layer, use_raw, genome, threads, quiet, verbose, output, cluster, umap, resolution, plots, copy_x):
+    """Scenario 3: project new cells onto a saved MODEL's shared factors (the model is unchanged)."""
+    from onlinemf import pipelines
+
+    _setup_logging(quiet, verbose)
+    key = _resolve_batch_key(inputs, batch_key, quiet)
+    opts = pipelines.FitOptions(batch_key=key, layer=layer, use_raw=use_raw, genome=genome, threads=threads, cluster=cluster, umap=umap, resolution=resolution, plots=plots, copy_x=copy_x)
+    output = output or _default_output(inputs, "_projected.h5ad")
+    summary = pipelines.project(model, inputs, output=output, options=opts, progress=_progress(quiet))
+    _summary(summary, quiet)
+
+
+@main.command()
+@click.argument("path", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--batch-key", default=None, help="Also list the categories of this obs column.")
+@_user_errors
+def info(path, batch_key):
+    """Describe an .h5ad, a 10x .h5 or an onlinemf model file."""
+    from onlinemf.info import describe_path
+
+    click.echo(describe_path(path, batch_key=batch_key))
+
+
+@main.command()
+@click.argument("results", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--batch-key", default="inmf_dataset", help="obs column of the datasets.")
+@click.option("--label-key", default=None, help="obs column of known cell labels (for ARI/NMI).")
+@_user_errors
+def evaluate(results, batch_key, label_key):
+    """Alignment, ARI and NMI of a results .h5ad."""
+    from onlinemf.info import evaluate_results
+
+    for name, value in evaluate_results(results, batch_key=batch_key, label_key=label_key).items():
+        click.echo(f"{name}\t{value:.4f}" if isinstance(value, float) else f"{name}\t{value}")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,3 @@
+from onlinemf.cli import main
+
+main(prog_name="onlinemf")

@@ -1,0 +1,162 @@
+"""The results ``.h5ad``: input ``obs`` in input order, H and friends in ``obsm``, W in ``varm``.
+
+Writing needs memory for H (cells x K) and ``obs`` only; counts are copied (``copy_x``) HDF5-to-HDF5, never
+loaded.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import anndata as ad
+import h5py
+import numpy as np
+import pandas as pd
+
+from . import _keys
+from ._errors import InputError
+from ._files import atomic_output
+from .readers import read_obs
+
+
+@dataclass
+class ResultsTable:
+    """Cells and genes of a run's inputs, and where each dataset's cells sit in them.
+
+    Attributes
+    ----------
+    obs : DataFrame, one row per input cell, in input order (files concatenated).
+    var_names : ndarray of str, genes of the result (the file's genes, or those shared by all files).
+    placement : list of ndarray, per dataset (in source order) the result rows of its cells.
+    names : list of str, dataset names in source order.
+    single_h5ad : path of the input when the run read one ``.h5ad`` (so ``X`` can be copied), else None.
+    """
+
+    obs: pd.DataFrame
+    var_names: np.ndarray
+    placement: list
+    names: list
+    single_h5ad: Path | None
+
+    @classmethod
+    def from_sources(cls, inputs, sources, batch_key=None) -> ResultsTable:
+        inputs = [Path(p) for p in inputs]
+        names = [s.name for s in sources]
+        if len(inputs) == 1:
+            path = inputs[0]
+            obs = _input_obs(path, sources)
+            placement = []
+            for s in sources:
+                rows = getattr(s, "rows", None)
+                placement.append(np.arange(s.n_cells) if rows is None else np.asarray(rows))
+            var_names = np.asarray(sources[0].var_names)
+            single = path if _is_h5ad(path) else None
+        else:
+            frames, placement, offset = [], [], 0
+            for path, s in zip(inputs, sources, strict=True):
+                frame = _input_obs(path, [s])
+                frame.insert(0, _keys.OBS_DATASET, s.name)
+                frames.append(frame)
+                placement.append(offset + np.arange(s.n_cells))
+                offset += s.n_cells
+            obs = pd.concat(frames)
+            if not obs.index.is_unique:
+                # Barcodes repeat across 10x files; prefix them with the dataset, as anndata.concat would suffix.
+                obs.index = [f"{d}_{c}" for d, c in zip(obs[_keys.OBS_DATASET], obs.index, strict=True)]
+            shared = set(sources[0].var_names)
+            for s in sources[1:]:
+                shared &= set(s.var_names)
+            var_names = np.asarray([g for g in sources[0].var_names if g in shared])
+            single = None
+        table = cls(obs=obs, var_names=var_names, placement=placement, names=names, single_h5ad=single)
+        if _keys.OBS_DATASET not in table.obs:
+            table.obs[_keys.OBS_DATASET] = table.datasets
+        table.obs[_keys.OBS_DATASET] = pd.Categorical(table.obs[_keys.OBS_DATASET], categories=names)
+        return table
+
+    @property
+    def n_cells(self) -> int:
+        return len(self.obs)
+
+    @property
+    def datasets(self) -> np.ndarray:
+        """Dataset name of every result row (cells of no dataset get '')."""
+        out = np.full(self.n_cells, "", dtype=object)
+        for name, rows in zip(self.names, self.placement, strict=True):
+            out[rows] = name
+        return out
+
+    def assemble(self, blocks) -> np.ndarray:
+        """Stack per-dataset arrays (n_i x K, source order) into result-row order."""
+        out = np.zeros((self.n_cells, blocks[0].shape[1]), dtype=np.float32)
+        for rows, block in zip(self.placement, blocks, strict=True):
+            out[rows] = block
+        return out
+
+    def gene_positions(self, genes) -> np.ndarray:
+        index = pd.Index(self.var_names)
+        pos = index.get_indexer(np.asarray(genes))
+        if (pos < 0).any():
+            missing = np.asarray(genes)[pos < 0][:5]
+            msg = f"results: model genes not among the input genes (first missing: {list(missing)})"
+            raise InputError(msg)
+        return pos
+
+
+def _is_h5ad(path: Path) -> bool:
+    try:
+        with h5py.File(path, "r") as f:
+            return "obs" in f and "var" in f
+    except OSError:
+        return False
+
+
+def _input_obs(path: Path, sources) -> pd.DataFrame:
+    if _is_h5ad(path):
+        obs = read_obs(path)
+    else:
+        obs = pd.DataFrame(index=pd.Index(np.concatenate([s.obs_names for s in sources]), name=None))
+    obs.index = obs.index.astype(str)
+    return obs
+
+
+def write_results(path, table: ResultsTable, *, H, H_norm=None, clusters=None, umap=None, W, selected, uns, copy_x=False):
+    """Write the results ``.h5ad`` atomically (temporary name, then rename).
+
+    Parameters
+    ----------
+    H, H_norm : ndarray of shape (n_cells, K)
+    clusters : ndarray of shape (n_cells,) or None
+    umap : ndarray of shape (n_cells, 2) or None
+    W : ndarray of shape (n_genes, K), zeros for genes not selected
+    selected : bool ndarray of shape (n_genes,)
+    """
+    if copy_x and table.single_h5ad is None:
+        msg = "--copy-x: counts can be copied only from a single .h5ad input; found several inputs or a 10x file"
+        raise InputError(msg)
+    var = pd.DataFrame(index=pd.Index(table.var_names.astype(str)))
+    var[_keys.VAR_SELECTED] = selected
+    obs = table.obs.copy()
+    if clusters is not None:
+        labels = np.asarray(clusters).astype(str)
+        obs[_keys.OBS_CLUSTER] = pd.Categorical(labels, categories=sorted(set(labels), key=_natural))
+    adata = ad.AnnData(obs=obs, var=var)
+    adata.obsm[_keys.OBSM_H] = H
+    if H_norm is not None:
+        adata.obsm[_keys.OBSM_H_NORM] = H_norm.astype(np.float32)
+    if umap is not None:
+        adata.obsm[_keys.OBSM_UMAP] = np.asarray(umap, dtype=np.float32)
+    adata.varm[_keys.VARM_W] = W
+    adata.uns[_keys.UNS] = uns
+    with atomic_output(path) as tmp:
+        adata.write_h5ad(tmp)
+        if copy_x:
+            with h5py.File(table.single_h5ad, "r") as src, h5py.File(tmp, "r+") as dst:
+                if "X" in dst:
+                    del dst["X"]
+                src.copy(src["X"], dst, name="X")
+
+
+def _natural(label: str):
+    return (0, int(label)) if label.lstrip("-").isdigit() else (1, label)

@@ -1,0 +1,101 @@
+"""Human-readable descriptions of input, model and results files (``onlinemf info`` / ``evaluate``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from ._errors import InputError
+
+
+def _is_model(path: Path) -> bool:
+    try:
+        with h5py.File(path, "r") as f:
+            return "format_version" in f.attrs and "W" in f
+    except OSError:
+        return False
+
+
+def describe_path(path, *, batch_key=None) -> str:
+    """One screenful about ``path``: format, cells, genes, layers, batches (or a model's contents)."""
+    path = Path(path)
+    if not path.exists():
+        msg = f"{path}: file not found"
+        raise InputError(msg)
+    if _is_model(path):
+        return _describe_model(path)
+    from .readers import describe
+    from .readers._open import batch_rows
+
+    info = describe(path)
+    lines = [f"file      {path}", f"format    {info['format']}", f"cells     {info['n_cells']:,}", f"genes     {info['n_genes']:,}"]
+    if info.get("encoding"):
+        lines.append(f"X         {info['encoding']}")
+    if info.get("layers"):
+        lines.append(f"layers    {', '.join(info['layers'])}")
+    if info.get("has_raw"):
+        lines.append("raw       yes")
+    if info.get("genomes"):
+        lines.append(f"genomes   {', '.join(info['genomes'])}")
+    cats = info.get("obs_columns") or {}
+    if cats:
+        lines.append("obs       " + ", ".join(f"{k} ({v})" if v else k for k, v in cats.items()))
+    if batch_key is not None:
+        lines.append(f"batches of '{batch_key}':")
+        lines.extend(f"  {name}\t{len(rows):,} cells" for name, rows in batch_rows(path, batch_key))
+    elif cats:
+        from .readers import guess_batch_key
+
+        key = guess_batch_key(cats, info["n_cells"])
+        if key:
+            lines.append(f"batch key  '{key}' would be used by `onlinemf fit` (override with --batch-key)")
+    return "\n".join(lines)
+
+
+def _describe_model(path: Path) -> str:
+    from .model_io import load_model
+
+    saved = load_model(path)
+    est = saved.estimator
+    lines = [
+        f"file      {path}",
+        "format    onlinemf model",
+        f"factors   K={est.W_.shape[0]}, lambda={est.lam}",
+        f"genes     {est.W_.shape[1]:,}",
+        f"steps     {getattr(est, 'n_steps_', '?')}",
+        "datasets:",
+    ]
+    for name in est.dataset_names_:
+        n = getattr(est, "n_cells_", {}).get(name, "?")
+        frozen = " (frozen)" if name in getattr(est, "frozen_", ()) else ""
+        lines.append(f"  {name}\t{n:,} cells{frozen}" if isinstance(n, int | np.integer) else f"  {name}{frozen}")
+    return "\n".join(lines)
+
+
+def evaluate_results(path, *, batch_key="inmf_dataset", label_key=None) -> dict:
+    """Alignment (LIGER), and ARI/NMI of ``inmf_cluster`` against ``label_key`` for a results file."""
+    import anndata as ad
+
+    from . import _keys
+    from .metrics import evaluate
+
+    path = Path(path)
+    if not path.exists():
+        msg = f"{path}: file not found"
+        raise InputError(msg)
+    adata = ad.read_h5ad(path, backed="r")
+    obs = adata.obs
+    for key in (batch_key, label_key):
+        if key is not None and key not in obs:
+            msg = f"{path}: no obs column '{key}'; columns: {', '.join(map(str, obs.columns))}"
+            raise InputError(msg)
+    basis = _keys.OBSM_H_NORM if _keys.OBSM_H_NORM in adata.obsm else _keys.OBSM_H
+    if basis not in adata.obsm:
+        msg = f"{path}: no obsm['{_keys.OBSM_H}']; is it an onlinemf results file?"
+        raise InputError(msg)
+    H = np.asarray(adata.obsm[basis])
+    clusters = obs[_keys.OBS_CLUSTER].to_numpy() if _keys.OBS_CLUSTER in obs else None
+    labels = obs[label_key].to_numpy() if label_key else None
+    return evaluate(H, obs[batch_key].astype(str).to_numpy(), clusters=clusters, labels=labels)
