@@ -140,6 +140,16 @@ class OnlineINMF:
         """The constructor parameters as a dict."""
         return {name: getattr(self, name) for name in _CONSTRAINTS}
 
+    def set_params(self, **params) -> OnlineINMF:
+        """Set constructor parameters (validated at the next fit/update); returns self."""
+        unknown = sorted(set(params) - set(_CONSTRAINTS))
+        if unknown:
+            msg = f"set_params: expected parameters among {sorted(_CONSTRAINTS)}, found {unknown}"
+            raise InputError(msg)
+        for name, value in params.items():
+            setattr(self, name, value)
+        return self
+
     def _validate_params(self) -> None:
         for name, (ok, expected) in _CONSTRAINTS.items():
             value = getattr(self, name)

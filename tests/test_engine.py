@@ -333,3 +333,10 @@ def test_online_fit_on_kang_ends_near_batch_inmf(kang):
     assert batch <= history[-1] * (1 + 1e-9)
     assert online / batch < 1.03
     assert est.objective_[-1] == pytest.approx(online, rel=0.05)
+
+
+def test_set_params():
+    est = small_model().set_params(lam=1.5, max_epochs=2)
+    assert est.lam == 1.5 and est.get_params()["max_epochs"] == 2
+    with pytest.raises(InputError, match=r"set_params: expected parameters among .* found \['lamda'\]"):
+        est.set_params(lamda=1)
