@@ -19,15 +19,14 @@ from threadpoolctl import threadpool_limits
 from . import _solvers as S
 from ._errors import InputError
 from .readers._base import MemorySource, Source, check_values
-from .schedule import MinibatchPlan, Step
+from .schedule import MinibatchPlan
 
 logger = logging.getLogger(__name__)
 
-_INT = (numbers.Integral,)
 
 
 def _is_int(v, lo):
-    return isinstance(v, _INT) and not isinstance(v, bool) and v >= lo
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool) and v >= lo
 
 
 _CONSTRAINTS = {

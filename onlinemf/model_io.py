@@ -219,6 +219,9 @@ def _load(path, into=None):
             arrays = {key: _dset(path, g, key, shp) for key, shp in
                       (("V", (K, G)), ("A", (K, K)), ("B", (K, G)), ("A_old", (K, K)), ("B_old", (K, G)))}
             entries.append((g, arrays))
+        total = K * G * (1 + 3 * len(entries)) + 2 * K * K * len(entries)
+        if total > MAX_ELEMENTS:
+            _fail(path, f"{len(entries)} datasets of {K} x {G} factors are implausibly large")
         scal = f.get("scaling")
         scal_d = []
         if isinstance(scal, h5py.Group):

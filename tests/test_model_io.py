@@ -16,23 +16,22 @@ from onlinemf.readers import MemorySource
 
 @pytest.fixture(scope="module")
 def fitted():
-    rng = np.random.default_rng(0)
     data = [MemorySource(sp.random(300, 50, density=0.3, random_state=np.random.RandomState(i), format="csr"),
                          name=f"batch/{i}", var_names=[f"g{j}" for j in range(50)]) for i in range(2)]
     est = OnlineINMF(5, batch_size=100, max_epochs=2, chunk_size=40, random_state=2).fit(data)
     est.frozen_.add("batch/0")
-    return est, rng
+    return est
 
 
 @pytest.fixture
 def model_file(tmp_path, fitted):
     path = tmp_path / "model.h5"
-    save_model(path, fitted[0], scaling={"batch/0": np.arange(50.0)}, info={"genes": "union", "n": 3})
+    save_model(path, fitted, scaling={"batch/0": np.arange(50.0)}, info={"genes": "union", "n": 3})
     return path
 
 
 def test_round_trip(model_file, fitted):
-    est = fitted[0]
+    est = fitted
     saved = load_model(model_file)
     new = saved.estimator
     assert isinstance(new, OnlineINMF) and new.get_params() == est.get_params()
@@ -59,7 +58,7 @@ def test_save_errors(tmp_path, fitted):
     with pytest.raises(InputError, match="not fitted"):
         save_model(tmp_path / "x.h5", OnlineINMF())
     with pytest.raises(InputError, match="info: expected JSON-able"):
-        save_model(tmp_path / "x.h5", fitted[0], info={"a": object()})
+        save_model(tmp_path / "x.h5", fitted, info={"a": object()})
     with pytest.raises(InputError, match="Checkpoint.every"):
         Checkpoint(tmp_path / "c.h5", every=0)
     assert not list(tmp_path.iterdir())
