@@ -23,8 +23,12 @@ def _user_errors(func):
 
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
+        from tqdm.contrib.logging import logging_redirect_tqdm
+
+        _setup_logging(kwargs.get("quiet", False), kwargs.get("verbose", 0))
         try:
-            return func(*args, **kwargs)
+            with logging_redirect_tqdm():
+                return func(*args, **kwargs)
         except InputError as err:
             raise click.ClickException(str(err)) from None
         except KeyboardInterrupt:
@@ -44,7 +48,7 @@ def _progress(quiet: bool):
 
 def _setup_logging(quiet: bool, verbose: int):
     level = logging.WARNING if quiet else (logging.DEBUG if verbose > 1 else logging.INFO)
-    logging.basicConfig(level=level, format="%(message)s", stream=sys.stderr)
+    logging.basicConfig(level=level, format="%(message)s", stream=sys.stderr, force=True)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
@@ -150,7 +154,6 @@ def fit(inputs, k, lam, epochs, batch_size, seed, n_genes, var_thresh, combine, 
     """Scenario 1: integrate datasets (several INPUTS, or one .h5ad split by --batch-key)."""
     from onlinemf import pipelines
 
-    _setup_logging(quiet, verbose)
     if resume and checkpoint is None:
         raise InputError("--resume needs --checkpoint PATH (the checkpoint to continue from)")
     key = _resolve_batch_key(inputs, batch_key, quiet)
@@ -179,7 +182,6 @@ def update(model, inputs, epochs, batch_key, layer, use_raw, genome, threads, qu
     """Scenario 2: learn from new datasets with a saved MODEL, without reading the old data."""
     from onlinemf import pipelines
 
-    _setup_logging(quiet, verbose)
     key = _resolve_batch_key(inputs, batch_key, quiet)
     opts = pipelines.FitOptions(epochs=epochs, batch_key=key, layer=layer, use_raw=use_raw, genome=genome, threads=threads, cluster=cluster, umap=umap, resolution=resolution, plots=plots, copy_x=copy_x)
     output = output or _default_output(inputs, "_inmf.h5ad")
@@ -199,7 +201,6 @@ def project(model, inputs, batch_key, layer, use_raw, genome, threads, quiet, ve
     """Scenario 3: project new cells onto a saved MODEL's shared factors (the model is unchanged)."""
     from onlinemf import pipelines
 
-    _setup_logging(quiet, verbose)
     key = _resolve_batch_key(inputs, batch_key, quiet)
     opts = pipelines.FitOptions(batch_key=key, layer=layer, use_raw=use_raw, genome=genome, threads=threads, cluster=cluster, umap=umap, resolution=resolution, plots=plots, copy_x=copy_x)
     output = output or _default_output(inputs, "_projected.h5ad")

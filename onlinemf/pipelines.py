@@ -124,6 +124,7 @@ def fit(inputs, *, output=None, model=None, options: FitOptions | None = None, p
                 cache=_cache_mode(opts.cache, n_total),
                 progress=bar.update,
             )
+        _build_caches(prepared, progress)
         timings["preprocess_s"] = time.perf_counter() - t
         try:
             est = OnlineINMF(
@@ -196,6 +197,7 @@ def update(model, inputs, *, output=None, model_out=None, options: FitOptions | 
         n_total = sum(s.n_cells for s in sources)
         with progress(total=n_total, desc="preprocess", unit="cells") as bar:
             prepared = prepare(sources, genes=genes, block_size=BLOCK_SIZE, cache=_cache_mode(opts.cache, n_total), progress=bar.update)
+        _build_caches(prepared, progress)
         try:
             if opts.epochs is not None:
                 est.max_epochs = opts.epochs
@@ -243,6 +245,16 @@ def project(model, inputs, *, output=None, options: FitOptions | None = None, pr
                 s.close()
     summary.seconds = time.perf_counter() - t0
     return summary
+
+
+def _build_caches(prepared, progress):
+    """Fill the prepared-data caches in one visible pass (epochs then read the cache)."""
+    todo = [s for s in prepared.sources if getattr(s, "cache_mode", None) and not s.cached]
+    if not todo:
+        return
+    with progress(total=sum(s.n_cells for s in todo), desc="cache", unit="cells") as bar:
+        for src in todo:
+            src.build_cache(block_size=BLOCK_SIZE, progress=bar.update)
 
 
 def _step_progress(bar):
