@@ -200,7 +200,7 @@ def update(model, inputs, *, output=None, model_out=None, options: FitOptions | 
         _build_caches(prepared, progress)
         try:
             if opts.epochs is not None:
-                est.max_epochs = opts.epochs
+                est.set_params(max_epochs=opts.epochs)
             with progress(total=None, desc="update", unit="batch") as bar:
                 est.update(prepared.sources, progress=_step_progress(bar))
             H, objective, _ = _final_h(est, prepared.sources, progress)

@@ -66,7 +66,14 @@ def minibatch_sizes(n_cells: Sequence[int], batch_size: int) -> list[int]:
 
 
 def n_plan_steps(n_first: int, b_first: int, max_epochs: int) -> int:
-    """Number of iterations: the t >= 1 with ``t * b_1 < max_epochs * n_1``."""
+    """Number of iterations: the t >= 1 with ``t * b_1 < max_epochs * n_1``.
+
+    When the mini-batch is the whole first dataset each iteration is one epoch and the plan runs
+    ``max_epochs`` iterations: libplanc's strict ``<`` would run one fewer, and none at all for a
+    single epoch, which leaves a small data set with an untrained model.
+    """
+    if b_first >= n_first:
+        return max(0, int(max_epochs))
     return max(0, -(-max_epochs * n_first // b_first) - 1)
 
 

@@ -84,7 +84,9 @@ def test_minibatch_sizes_proportional_capped_and_rounded_half_up():
 def test_plan_length_follows_libplanc():
     assert n_plan_steps(10, 5, 1) == 1  # t*b < epochs*n
     assert n_plan_steps(6548, 2339, 5) == 13
-    assert n_plan_steps(10, 10, 1) == 0
+    # A mini-batch covering the whole dataset: one iteration per epoch (libplanc would run 0 here).
+    assert n_plan_steps(10, 10, 1) == 1
+    assert n_plan_steps(10, 10, 5) == 5
 
 
 def _stream(plan, i):
