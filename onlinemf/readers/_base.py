@@ -128,7 +128,10 @@ def check_values(values: np.ndarray, name: str) -> None:
     if values.size == 0:
         return
     if not np.isfinite(values).all():
-        msg = f"{name}: expected finite counts, found NaN or infinite values"
+        if np.isnan(values).any():
+            msg = f"{name}: expected finite counts, found NaN values"
+        else:
+            msg = f"{name}: expected finite counts, found infinite values (or values above 3.4e38, too large for float32)"
         raise InputError(msg)
     if values.min() < 0:
         msg = f"{name}: expected non-negative counts, found a minimum of {values.min():g}"

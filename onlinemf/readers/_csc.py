@@ -19,7 +19,7 @@ import h5py
 import numpy as np
 import scipy.sparse as sp
 
-from ._rows import SPAN_VALUES, CsrRows
+from ._rows import SPAN_VALUES, CsrRows, as_float32
 
 logger = logging.getLogger(__name__)
 
@@ -78,7 +78,7 @@ def convert_csc(group: h5py.Group, shape: tuple[int, int], out_path: Path, *, pr
     for c0, c1 in col_blocks:
         first, last = int(colptr[c0]), int(colptr[c1])
         block = sp.csc_matrix(
-            (np.asarray(data[first:last]).astype(np.float32), np.asarray(row_ids[first:last]), colptr[c0 : c1 + 1] - first),
+            (as_float32(data[first:last]), np.asarray(row_ids[first:last]), colptr[c0 : c1 + 1] - first),
             shape=(n_rows, c1 - c0),
         ).tocsr()  # the rows of each chunk are now one contiguous range
         for bucket, r0 in zip(buckets, chunk_starts, strict=True):

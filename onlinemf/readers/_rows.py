@@ -17,6 +17,13 @@ SPAN_VALUES = 1 << 22
 MAX_GAP_ROWS = 256
 
 
+def as_float32(values) -> np.ndarray:
+    """Stored values as float32. Values beyond float32's range (about 3.4e38) become inf, which the
+    readers' value check refuses; numpy's overflow warning is silenced so the user sees that one error."""
+    with np.errstate(over="ignore"):
+        return np.asarray(values).astype(np.float32, copy=False)
+
+
 def _empty(n_cols: int, n_rows: int = 0) -> sp.csr_matrix:
     return sp.csr_matrix((n_rows, n_cols), dtype=np.float32)
 
@@ -40,7 +47,7 @@ class CsrRows:
             return _empty(self.shape[1])
         ptr = np.asarray(self._indptr[lo : hi + 1], dtype=np.int64)
         first, last = int(ptr[0]), int(ptr[-1])
-        data = np.asarray(self._data[first:last]).astype(np.float32, copy=False)
+        data = as_float32(self._data[first:last])
         indices = np.asarray(self._indices[first:last])
         if indices.dtype.kind == "u":  # 10x stores uint32; scipy wants signed indices
             indices = indices.astype(np.int32 if self.shape[1] < 2**31 else np.int64)
@@ -59,7 +66,7 @@ class DenseRows:
     def read(self, lo: int, hi: int) -> sp.csr_matrix:
         if hi <= lo:
             return _empty(self.shape[1])
-        block = np.asarray(self._dataset[lo:hi]).astype(np.float32, copy=False)
+        block = as_float32(self._dataset[lo:hi])
         return sp.csr_matrix(block)
 
 
