@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import contextlib
+import glob
+import logging
 import os
+import re
 import tempfile
 from pathlib import Path
 
 from ._errors import InputError
+
+logger = logging.getLogger(__name__)
 
 
 def check_output_path(path, *, inputs=(), what: str = "output") -> Path:
@@ -35,6 +40,47 @@ def check_output_path(path, *, inputs=(), what: str = "output") -> Path:
     return path
 
 
+def temporary_prefix(path) -> str:
+    """Name prefix of the temporaries written beside ``path``.
+
+    It carries the writer's process id, so that a later run can tell the temporaries of a killed
+    process (SIGKILL, power loss: no cleanup ran) from those of a live one.
+    """
+    return f".{Path(path).name}.{os.getpid()}-"
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid() or os.name == "nt":  # on Windows os.kill would terminate the process
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists but is not ours
+        return True
+    return True
+
+
+def remove_stale_temporaries(path) -> list[Path]:
+    """Remove temporaries of ``path`` left by processes that no longer run; returns what was removed.
+
+    Matches the names :func:`temporary_prefix` makes, also nested ones (a temporary of a temporary).
+    """
+    path = Path(path)
+    folder = path.resolve().parent
+    pattern = re.compile(rf"\.+{re.escape(path.name)}\..*?(\d+)-[a-z0-9_]+\.tmp")
+    removed = []
+    for tmp in folder.glob(f".*{glob.escape(path.name)}.*.tmp"):
+        match = pattern.fullmatch(tmp.name)
+        if match and not _alive(int(match.group(1))):
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+            removed.append(tmp)
+    if removed:
+        logger.info("removed %d temporary file(s) of %s left by an interrupted run", len(removed), path)
+    return removed
+
+
 @contextlib.contextmanager
 def atomic_output(path):
     """Yield a temporary path in the same folder; on success rename it to ``path``, on failure remove it.
@@ -42,12 +88,22 @@ def atomic_output(path):
     An existing ``path`` is only replaced by a completely written file.
     """
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.resolve().parent)
+    fd, tmp = tempfile.mkstemp(prefix=temporary_prefix(path), suffix=".tmp", dir=path.resolve().parent)
     os.close(fd)
     tmp = Path(tmp)
     try:
         yield tmp
-        os.replace(tmp, path)
+        publish(tmp, path)
     finally:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
+
+
+def publish(tmp, path) -> None:
+    """Rename the finished temporary ``tmp`` to ``path`` (atomic within one folder)."""
+    # mkstemp creates mode 0600; a finished output gets the permissions of any new file (umask).
+    umask = os.umask(0)
+    os.umask(umask)
+    with contextlib.suppress(OSError):
+        os.chmod(tmp, 0o666 & ~umask)
+    os.replace(tmp, path)

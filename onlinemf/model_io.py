@@ -26,6 +26,7 @@ import h5py
 import numpy as np
 
 from ._errors import InputError, ModelError
+from ._files import publish, temporary_prefix
 
 FORMAT_VERSION = 1
 KIND = "onlinemf.OnlineINMF"
@@ -70,7 +71,7 @@ def _write(path, est, *, scaling=None, info=None, checkpoint_state=None) -> None
         raise InputError(msg)
     path = Path(path)
     folder = path.parent if str(path.parent) else Path(".")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
+    fd, tmp = tempfile.mkstemp(prefix=temporary_prefix(path), suffix=".tmp", dir=folder)
     os.close(fd)
     try:
         with h5py.File(tmp, "w") as f:
@@ -102,7 +103,7 @@ def _write(path, est, *, scaling=None, info=None, checkpoint_state=None) -> None
             for i, (name, scale) in enumerate((scaling or {}).items()):
                 d = sg.create_dataset(str(i), data=np.asarray(scale, dtype=np.float64))
                 d.attrs["name"] = str(name)
-        os.replace(tmp, path)
+        publish(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)
