@@ -7,6 +7,7 @@ the CLI, nothing from the library by default).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from dataclasses import asdict, dataclass, field
@@ -16,13 +17,13 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 
 from ._errors import InputError
-from ._files import check_output_path
+from ._files import atomic_output, check_output_path, remove_stale_temporaries
 from ._progress import NullProgress
 from ._results import ResultsTable, write_results
 from .engine import OnlineINMF
 from .model_io import Checkpoint, load_model, save_model
 from .preprocess import prepare
-from .readers import open_sources
+from .readers import H5adSource, open_sources
 
 logger = logging.getLogger(__name__)
 
@@ -102,31 +103,44 @@ def fit(inputs, *, output=None, model=None, options: FitOptions | None = None, p
     """
     opts = options or FitOptions()
     inputs = [Path(p) for p in inputs]
-    for out, what in ((output, "output"), (model, "model output")):
-        if out is not None:
-            check_output_path(out, inputs=inputs, what=what)
+    _check_outputs(inputs, {"output": output, "model output": model, "checkpoint": opts.checkpoint})
+    resume = None
+    if opts.resume and opts.checkpoint is not None and Path(opts.checkpoint).exists():
+        resume = Path(opts.checkpoint)
+        resume_genes = _checkpoint_genes(resume, opts)
+    elif opts.resume:
+        logger.info("no checkpoint at %s yet: starting from the beginning", opts.checkpoint)
     if opts.plots is not None:
         Path(opts.plots).mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     timings = {}
     with threadpool_limits(limits=opts.threads):
         sources = _open(inputs, opts, progress)
-        n_total = sum(s.n_cells for s in sources)
-        t = time.perf_counter()
-        with progress(total=n_total, desc="preprocess", unit="cells") as bar:
-            prepared = prepare(
-                sources,
-                thresh=opts.var_thresh,
-                alpha=opts.alpha,
-                n_genes=opts.n_genes,
-                combine=opts.combine,
-                block_size=BLOCK_SIZE,
-                cache=_cache_mode(opts.cache, n_total),
-                progress=bar.update,
-            )
-        _build_caches(prepared, progress)
-        timings["preprocess_s"] = time.perf_counter() - t
+        prepared = None
         try:
+            _check_copy_x(opts, inputs, sources)
+            _check_cells_for_k(sources, opts.k)
+            n_total = sum(s.n_cells for s in sources)
+            t = time.perf_counter()
+            with progress(total=n_total, desc="preprocess", unit="cells") as bar:
+                prepared = prepare(
+                    sources,
+                    # A resumed fit keeps the checkpoint's genes, so it continues exactly the same problem.
+                    genes=resume_genes if resume is not None else None,
+                    thresh=opts.var_thresh,
+                    alpha=opts.alpha,
+                    n_genes=opts.n_genes,
+                    combine=opts.combine,
+                    block_size=BLOCK_SIZE,
+                    cache=_cache_mode(opts.cache, n_total),
+                    progress=bar.update,
+                )
+            if opts.k > len(prepared.genes):
+                msg = (f"--k {opts.k}: expected at most the number of genes used ({len(prepared.genes)}); "
+                       "lower --k or select more genes (--n-genes, --var-thresh)")
+                raise InputError(msg)
+            _build_caches(prepared, progress)
+            timings["preprocess_s"] = time.perf_counter() - t
             est = OnlineINMF(
                 n_components=opts.k,
                 lam=opts.lam,
@@ -136,7 +150,6 @@ def fit(inputs, *, output=None, model=None, options: FitOptions | None = None, p
                 n_threads=opts.threads,
             )
             checkpoint = Checkpoint(opts.checkpoint, every=opts.checkpoint_every) if opts.checkpoint else None
-            resume = opts.checkpoint if (opts.resume and opts.checkpoint and Path(opts.checkpoint).exists()) else None
             t = time.perf_counter()
             with progress(total=None, desc="factorize", unit="batch") as bar:
                 est.fit(prepared.sources, progress=_step_progress(bar), checkpoint=checkpoint, resume=resume)
@@ -152,18 +165,18 @@ def fit(inputs, *, output=None, model=None, options: FitOptions | None = None, p
                 objective=objective,
                 timings=timings,
             )
-            if model is not None:
-                save_model(model, est, scaling=prepared.scales, info=_model_info(opts, inputs))
-                summary.outputs.append(str(model))
-            if output is not None or opts.plots is not None:
-                table = ResultsTable.from_sources(inputs, sources, opts.batch_key)
-                _postprocess_and_write(
-                    table, H, est, prepared.genes, opts, output, summary, progress, params=_params(opts, est)
-                )
+            # The model is renamed into place only after the results are written: all outputs or none.
+            with _pending(model) as model_tmp:
+                if model is not None:
+                    save_model(model_tmp, est, scaling=prepared.scales, info=_model_info(opts, inputs))
+                    summary.outputs.append(str(model))
+                if output is not None or opts.plots is not None:
+                    table = ResultsTable.from_sources(inputs, sources, opts.batch_key)
+                    _postprocess_and_write(
+                        table, H, est, prepared.genes, opts, output, summary, progress, params=_params(opts, est)
+                    )
         finally:
-            for s in prepared.sources:
-                s.close()
-            for s in sources:
+            for s in [*(prepared.sources if prepared is not None else []), *sources]:
                 s.close()
     if opts.checkpoint and Path(opts.checkpoint).exists():
         # A finished run needs no checkpoint: the model file holds the result.
@@ -181,40 +194,41 @@ def update(model, inputs, *, output=None, model_out=None, options: FitOptions | 
     opts = options or FitOptions()
     inputs = [Path(p) for p in inputs]
     model = Path(model)
-    for out, what in ((output, "output"), (model_out, "model output")):
-        if out is not None:
-            check_output_path(out, inputs=[*inputs, model], what=what)
+    _check_outputs([*inputs, model], {"output": output, "model output": model_out})
     t0 = time.perf_counter()
     saved = load_model(model)
     est = saved.estimator
     genes = np.asarray(est.var_names_in_)
     with threadpool_limits(limits=opts.threads):
         sources = _open(inputs, opts, progress)
-        clash = sorted(set(s.name for s in sources) & set(est.dataset_names_))
-        if clash:
-            msg = f"{inputs[0]}: dataset name(s) {clash} already exist in model {model}; rename the files or categories"
-            raise InputError(msg)
-        n_total = sum(s.n_cells for s in sources)
-        with progress(total=n_total, desc="preprocess", unit="cells") as bar:
-            prepared = prepare(sources, genes=genes, block_size=BLOCK_SIZE, cache=_cache_mode(opts.cache, n_total), progress=bar.update)
-        _build_caches(prepared, progress)
+        prepared = None
         try:
+            _check_copy_x(opts, inputs, sources)
+            clash = sorted(set(s.name for s in sources) & set(est.dataset_names_))
+            if clash:
+                msg = f"{inputs[0]}: dataset name(s) {clash} already exist in model {model}; rename the files or categories"
+                raise InputError(msg)
+            n_total = sum(s.n_cells for s in sources)
+            with progress(total=n_total, desc="preprocess", unit="cells") as bar:
+                prepared = prepare(sources, genes=genes, block_size=BLOCK_SIZE, cache=_cache_mode(opts.cache, n_total), progress=bar.update)
+            _build_caches(prepared, progress)
             if opts.epochs is not None:
                 est.set_params(max_epochs=opts.epochs)
             with progress(total=None, desc="update", unit="batch") as bar:
                 est.update(prepared.sources, progress=_step_progress(bar))
             H, objective, _ = _final_h(est, prepared.sources, progress)
             summary = RunSummary("update", n_total, {s.name: s.n_cells for s in sources}, len(genes), 0.0, objective)
-            if model_out is not None:
-                scaling = dict(saved.scaling or {})
-                scaling.update(prepared.scales)
-                save_model(model_out, est, scaling=scaling, info=saved.info)
-                summary.outputs.append(str(model_out))
-            if output is not None:
-                table = ResultsTable.from_sources(inputs, sources, opts.batch_key)
-                _postprocess_and_write(table, H, est, genes, opts, output, summary, progress, params=_params(opts, est))
+            with _pending(model_out) as model_tmp:
+                if model_out is not None:
+                    scaling = dict(saved.scaling or {})
+                    scaling.update(prepared.scales)
+                    save_model(model_tmp, est, scaling=scaling, info=saved.info)
+                    summary.outputs.append(str(model_out))
+                if output is not None:
+                    table = ResultsTable.from_sources(inputs, sources, opts.batch_key)
+                    _postprocess_and_write(table, H, est, genes, opts, output, summary, progress, params=_params(opts, est))
         finally:
-            for s in [*prepared.sources, *sources]:
+            for s in [*(prepared.sources if prepared is not None else []), *sources]:
                 s.close()
     summary.seconds = time.perf_counter() - t0
     return summary
@@ -224,27 +238,80 @@ def project(model, inputs, *, output=None, options: FitOptions | None = None, pr
     """Scenario 3: H of new cells on the learned W (V = 0); the model is not changed."""
     opts = options or FitOptions()
     inputs = [Path(p) for p in inputs]
-    if output is not None:
-        check_output_path(output, inputs=[*inputs, Path(model)], what="output")
+    _check_outputs([*inputs, Path(model)], {"output": output})
     t0 = time.perf_counter()
     est = load_model(model).estimator
     genes = np.asarray(est.var_names_in_)
     with threadpool_limits(limits=opts.threads):
         sources = _open(inputs, opts, progress)
-        n_total = sum(s.n_cells for s in sources)
-        with progress(total=n_total, desc="preprocess", unit="cells") as bar:
-            prepared = prepare(sources, genes=genes, block_size=BLOCK_SIZE, cache=None, progress=bar.update)
+        prepared = None
         try:
+            _check_copy_x(opts, inputs, sources)
+            n_total = sum(s.n_cells for s in sources)
+            with progress(total=n_total, desc="preprocess", unit="cells") as bar:
+                prepared = prepare(sources, genes=genes, block_size=BLOCK_SIZE, cache=None, progress=bar.update)
             H, _, _ = _final_h(est, prepared.sources, progress, project=True)
             summary = RunSummary("project", n_total, {s.name: s.n_cells for s in sources}, len(genes), 0.0)
             if output is not None:
                 table = ResultsTable.from_sources(inputs, sources, opts.batch_key)
                 _postprocess_and_write(table, H, est, genes, opts, output, summary, progress, params=_params(opts, est))
         finally:
-            for s in [*prepared.sources, *sources]:
+            for s in [*(prepared.sources if prepared is not None else []), *sources]:
                 s.close()
     summary.seconds = time.perf_counter() - t0
     return summary
+
+
+def _check_outputs(inputs, outputs: dict) -> None:
+    """Check every output path before any work (none may be an input or another output), and remove the
+    temporaries a killed earlier run left beside them."""
+    taken = list(inputs)
+    for what, path in outputs.items():
+        if path is not None:
+            check_output_path(path, inputs=taken, what=what)
+            taken.append(Path(path))
+    for path in outputs.values():
+        if path is not None:
+            remove_stale_temporaries(path)
+
+
+@contextlib.contextmanager
+def _pending(path):
+    """A temporary path renamed to ``path`` when the block succeeds (None: nothing to write)."""
+    if path is None:
+        yield None
+        return
+    with atomic_output(path) as tmp:
+        yield tmp
+
+
+def _check_copy_x(opts: FitOptions, inputs, sources) -> None:
+    # Checked before the work, not when writing: a late failure would waste the run.
+    if opts.copy_x and (len(inputs) != 1 or not isinstance(sources[0], H5adSource)):
+        msg = "--copy-x: counts can be copied only from a single .h5ad input; found several inputs or a 10x file"
+        raise InputError(msg)
+
+
+def _check_cells_for_k(sources, k: int) -> None:
+    # V_i starts from k cells of each dataset, and gene selection needs a variance (2 cells).
+    need = max(int(k), 2)
+    for s in sources:
+        if s.n_cells < need:
+            msg = f"{s.name}: expected at least {need} cells to learn k={k} factors, found {s.n_cells}; lower --k or add cells"
+            raise InputError(msg)
+
+
+def _checkpoint_genes(path, opts: FitOptions) -> np.ndarray:
+    """The genes of checkpoint ``path``, after checking it was written by a fit with the same options."""
+    est = load_model(path).estimator
+    wanted = {"n_components": ("--k", opts.k), "lam": ("--lambda", opts.lam), "batch_size": ("--batch-size", opts.batch_size),
+              "max_epochs": ("--epochs", opts.epochs), "random_state": ("--seed", opts.seed)}
+    differ = [f"{flag} {getattr(est, name)} (this run: {value})" for name, (flag, value) in wanted.items()
+              if getattr(est, name) != value]
+    if differ:
+        msg = f"--resume: checkpoint {path} was written with {', '.join(differ)}; use the same options or delete the checkpoint"
+        raise InputError(msg)
+    return np.asarray(est.var_names_in_)
 
 
 def _build_caches(prepared, progress):
