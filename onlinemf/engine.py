@@ -385,6 +385,8 @@ class OnlineINMF:
             msg = (f"resume: expected a {mode} checkpoint of datasets {expected}, "
                    f"found a {state.get('mode')} checkpoint of {state.get('sources')}")
             raise InputError(msg)
+        for s in sources:  # the checkpoint's genes, in its order
+            self._check_genes(s.n_genes, gene_names(s), s.name)
         return state
 
     # ------------------------------------------------------------------ scenarios
