@@ -85,6 +85,13 @@ def evaluate_results(path, *, batch_key="inmf_dataset", label_key=None) -> dict:
     if not path.exists():
         msg = f"{path}: file not found"
         raise InputError(msg)
+    from .readers._h5 import open_h5
+
+    with open_h5(path) as h5:  # clear errors for files that are not HDF5 or not AnnData
+        is_results = "obsm" in h5 and _keys.OBSM_H in h5["obsm"] and "obs" in h5
+    if not is_results:
+        msg = f"{path}: expected an onlinemf results .h5ad (with obsm['{_keys.OBSM_H}']), found none; run `onlinemf fit` first"
+        raise InputError(msg)
     adata = ad.read_h5ad(path, backed="r")
     obs = adata.obs
     for key in (batch_key, label_key):
@@ -92,9 +99,6 @@ def evaluate_results(path, *, batch_key="inmf_dataset", label_key=None) -> dict:
             msg = f"{path}: no obs column '{key}'; columns: {', '.join(map(str, obs.columns))}"
             raise InputError(msg)
     basis = _keys.OBSM_H_NORM if _keys.OBSM_H_NORM in adata.obsm else _keys.OBSM_H
-    if basis not in adata.obsm:
-        msg = f"{path}: no obsm['{_keys.OBSM_H}']; is it an onlinemf results file?"
-        raise InputError(msg)
     H = np.asarray(adata.obsm[basis])
     clusters = obs[_keys.OBS_CLUSTER].to_numpy() if _keys.OBS_CLUSTER in obs else None
     labels = obs[label_key].to_numpy() if label_key else None
