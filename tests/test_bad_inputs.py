@@ -253,6 +253,19 @@ def test_update_with_a_dataset_already_in_the_model(work, fitted):
             r"dataset name\(s\) \['ctrl'\] already exist in model .*model\.h5; rename")
 
 
+def test_model_that_is_not_hdf5(work, fitted):
+    f = copy_into(work, stim=fitted["stim"])
+    model = B.text_file(work / "model.h5")
+    refused(work, ["project", model, f["stim"], "-o", work / "p.h5ad", *QUIET], r"model\.h5: not a usable onlinemf model file \(not an HDF5 file\)")
+
+
+def test_update_with_fewer_cells_than_k(work, fitted):
+    f = copy_into(work, model=fitted["model"])
+    one = B.subset(work / "one.h5ad", cells=[300])
+    refused(work, ["update", f["model"], one, "-o", work / "u.h5ad", "--model-out", work / "m2.h5", *QUIET],
+            r"one: expected at least n_components=6 cells with non-zero values, found 1")
+
+
 def test_model_output_equal_to_input_model(work, fitted):
     f = copy_into(work, model=fitted["model"], stim=fitted["stim"])
     refused(work, ["update", f["model"], f["stim"], "--model-out", f["model"], "-o", work / "u.h5ad", *QUIET], r"model output .*model\.h5: is also an input")
