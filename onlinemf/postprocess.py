@@ -65,7 +65,7 @@ def dataset_codes(datasets, n_cells: int, name: str = "datasets") -> tuple[list,
         msg = f"{name}: expected one label per cell, shape ({n_cells},), found shape {labels.shape}"
         raise InputError(msg)
     if labels.dtype == object or labels.dtype.kind == "f":
-        missing = np.array([v is None or (isinstance(v, float) and v != v) for v in labels.tolist()])
+        missing = np.equal(labels, None) | (labels != labels)  # None or NaN
         if missing.any():
             msg = f"{name}: expected a label for every cell, found {int(missing.sum())} missing"
             raise InputError(msg)
@@ -271,10 +271,11 @@ def snn_graph(neighbors: np.ndarray, prune: float = SNN_PRUNE, chunk: int = 20_0
     parts = []
     for start in range(0, n, chunk):
         S = (A[start:start + chunk] @ AT).tocoo()
-        w = S.data / (2 * k - S.data)
+        shared = S.data.astype(np.float64)
+        w = shared / (2 * k - shared)
         keep = (w >= prune) & (S.col > S.row + start)
-        parts.append(sparse.csr_matrix((w[keep], (S.row[keep] + start, S.col[keep])), shape=(n, n)))
-    return sparse.vstack(parts).tocsr() if len(parts) > 1 else parts[0]
+        parts.append(sparse.csr_matrix((w[keep], (S.row[keep], S.col[keep])), shape=S.shape))
+    return sparse.vstack(parts, format="csr")
 
 
 def _labels_by_size(labels: np.ndarray) -> np.ndarray:

@@ -14,6 +14,7 @@ from onlinemf.postprocess import (
     max_factor_labels,
     quantile_norm,
     run_umap,
+    snn_graph,
 )
 
 
@@ -247,6 +248,21 @@ def test_quantile_norm_rejects_bad_input(kwargs, match):
 
 
 # --- clustering, UMAP and plots ------------------------------------------------------------------
+
+def test_snn_graph_matches_dense_jaccard():
+    rng = np.random.default_rng(0)
+    n, k = 60, 6
+    nn = np.array([np.concatenate([[i], rng.choice(np.delete(np.arange(n), i), k - 1, replace=False)])
+                   for i in range(n)])
+    graph = snn_graph(nn, chunk=17).toarray()
+    sets = [set(row) for row in nn]
+    for i in range(n):
+        for j in range(n):
+            s = len(sets[i] & sets[j])
+            w = s / (2 * k - s)
+            expected = w if (j > i and w >= 1 / 15) else 0.0
+            assert graph[i, j] == pytest.approx(expected), (i, j)
+
 
 def test_leiden_recovers_separated_groups_ordered_by_size():
     rng = np.random.default_rng(0)
