@@ -14,7 +14,7 @@ from scipy import sparse
 from scipy.spatial import cKDTree
 
 from ._errors import InputError
-from .postprocess import _check_finite, _check_int, dataset_codes, require_extra
+from .postprocess import check_matrix, check_int, dataset_codes, require_extra
 
 logger = logging.getLogger(__name__)
 
@@ -51,7 +51,7 @@ def alignment(H_norm, datasets, *, k=None, random_state=1):
     -------
     float
     """
-    X = _check_finite(H_norm, "H_norm")
+    X = check_matrix(H_norm, "H_norm")
     names, codes = dataset_codes(datasets, X.shape[0])
     n_datasets = len(names)
     if n_datasets < 2:
@@ -62,7 +62,7 @@ def alignment(H_norm, datasets, *, k=None, random_state=1):
     if k is None:
         k = min(max(int(np.floor(0.01 * X.shape[0])), 10), max_k)
     else:
-        k = _check_int(k, "k", 1)
+        k = check_int(k, "k", 1)
         if k > max_k:
             msg = f"k: expected at most {max_k} (datasets x smallest dataset size - 1), found {k}"
             raise InputError(msg)
@@ -99,10 +99,10 @@ def agreement(H_norm, datasets, scaled_data_list, *, ndims=40, k=15, random_stat
     -------
     float
     """
-    X = _check_finite(H_norm, "H_norm")
+    X = check_matrix(H_norm, "H_norm")
     names, codes = dataset_codes(datasets, X.shape[0])
-    ndims = _check_int(ndims, "ndims", 1)
-    k = _check_int(k, "k", 1)
+    ndims = check_int(ndims, "ndims", 1)
+    k = check_int(k, "k", 1)
     if isinstance(scaled_data_list, Mapping):
         absent = [n for n in names if n not in scaled_data_list]
         if absent:
@@ -206,7 +206,7 @@ def evaluate(H_norm, datasets, *, clusters=None, labels=None, random_state=1) ->
     dict with ``n_cells``, ``n_datasets``, ``alignment`` (None for one dataset), and where possible
     ``n_clusters``, ``ari``, ``nmi``, ``n_labelled``.
     """
-    X = _check_finite(H_norm, "H_norm")
+    X = check_matrix(H_norm, "H_norm")
     names, _ = dataset_codes(datasets, X.shape[0])
     out = {"n_cells": int(X.shape[0]), "n_datasets": len(names),
            "alignment": alignment(X, datasets, random_state=random_state) if len(names) > 1 else None}

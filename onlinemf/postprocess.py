@@ -76,7 +76,7 @@ def dataset_codes(datasets, n_cells: int, name: str = "datasets") -> tuple[list,
     return [uniq[i].item() if hasattr(uniq[i], "item") else uniq[i] for i in order], rank[inverse]
 
 
-def _check_int(value, name: str, minimum: int) -> int:
+def check_int(value, name: str, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
         msg = f"{name}: expected an integer >= {minimum}, found {value!r}"
         raise InputError(msg)
@@ -184,10 +184,10 @@ def quantile_norm(H, datasets, *, reference=None, quantiles=50, min_cells=20, n_
     H = check_factors(H)
     n_cells, n_factors = H.shape
     names, codes = dataset_codes(datasets, n_cells)
-    quantiles = _check_int(quantiles, "quantiles", 1)
-    min_cells = _check_int(min_cells, "min_cells", 0)
-    n_neighbors = _check_int(n_neighbors, "n_neighbors", 1)
-    max_sample = _check_int(max_sample, "max_sample", 1)
+    quantiles = check_int(quantiles, "quantiles", 1)
+    min_cells = check_int(min_cells, "min_cells", 0)
+    n_neighbors = check_int(n_neighbors, "n_neighbors", 1)
+    max_sample = check_int(max_sample, "max_sample", 1)
     if not np.isfinite(eps) or eps < 0:
         msg = f"eps: expected a finite number >= 0, found {eps!r}"
         raise InputError(msg)
@@ -312,8 +312,8 @@ def cluster_leiden(X, *, n_neighbors=20, resolution=1.0, random_state=1, n_itera
     -------
     ndarray of shape (n_cells,), int64: labels 0..m-1, 0 the largest cluster.
     """
-    X = _check_finite(X)
-    n_neighbors = _check_int(n_neighbors, "n_neighbors", 2)
+    X = check_matrix(X)
+    n_neighbors = check_int(n_neighbors, "n_neighbors", 2)
     if not resolution > 0:
         msg = f"resolution: expected a number > 0, found {resolution!r}"
         raise InputError(msg)
@@ -347,7 +347,7 @@ def cluster_leiden(X, *, n_neighbors=20, resolution=1.0, random_state=1, n_itera
     return labels
 
 
-def _check_finite(X, name: str = "X") -> np.ndarray:
+def check_matrix(X, name: str = "X") -> np.ndarray:
     arr = np.asarray(X, dtype=np.float64)
     if arr.ndim != 2 or arr.shape[0] == 0 or arr.shape[1] == 0:
         msg = f"{name}: expected a non-empty 2-D array of shape (n_cells, n_dims), found shape {arr.shape}"
@@ -375,8 +375,8 @@ def run_umap(X, *, n_neighbors=20, min_dist=0.1, metric="cosine", random_state=4
     -------
     ndarray of shape (n_cells, 2), float32
     """
-    X = _check_finite(X)
-    n_neighbors = _check_int(n_neighbors, "n_neighbors", 2)
+    X = check_matrix(X)
+    n_neighbors = check_int(n_neighbors, "n_neighbors", 2)
     if X.shape[0] < 4:
         msg = f"X: expected at least 4 cells for UMAP, found {X.shape[0]}"
         raise InputError(msg)
