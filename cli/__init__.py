@@ -1,6 +1,6 @@
 """The ``onlinemf`` command line (installed as ``onlinemf.cli``): parse options, call the pipelines.
 
-User errors (``InputError``) are shown as one line on stderr with exit status 2; an interrupt exits 130 and
+User errors (``InputError``) are shown as one line on stderr with exit status 1 (click usage errors exit 2; see docs/errors.md); an interrupt exits 130 and
 leaves no partial outputs (outputs are only renamed into place when complete).
 """
 
