@@ -321,6 +321,10 @@ def fit_ok(work, path, *extra):
     assert result.exit_code == 0, result.output
     assert B.digest(path) == before
     assert [p.name for p in work.iterdir() if p.name.startswith(".")] == []
+    umask = os.umask(0o022)
+    os.umask(umask)
+    for name in ("res.h5ad", "model.h5"):  # outputs get the usual permissions, not the temporaries' 0600
+        assert (work / name).stat().st_mode & 0o777 == 0o666 & ~umask
     return ad.read_h5ad(work / "res.h5ad")
 
 
