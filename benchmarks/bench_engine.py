@@ -99,11 +99,12 @@ def select_genes(normed: sp.csr_matrix, lib: np.ndarray, thresh: float, alpha: f
 
 
 def prepare_scipy(
-    counts: list[sp.csr_matrix], thresh: float = 0.1, alpha: float = 0.99
+    counts: list[sp.csr_matrix], genes: np.ndarray | None = None, thresh: float = 0.1, alpha: float = 0.99
 ) -> tuple[np.ndarray, list[sp.csr_matrix]]:
     """rliger recipe: normalise by library size, union of variable genes, RMS-scale per dataset.
 
-    Returns the selected gene indices and, per dataset, a float32 CSR (cells x selected genes).
+    ``genes`` (column indices) skips the selection. Returns the gene indices used and, per
+    dataset, a float32 CSR (cells x selected genes).
     """
     normed, keep = [], None
     for X in counts:
@@ -113,9 +114,11 @@ def prepare_scipy(
             raise ValueError(msg)
         N = sp.csr_matrix(sp.diags(1.0 / lib) @ X.astype(np.float64))
         normed.append(N)
-        mask = select_genes(N, lib, thresh, alpha)
-        keep = mask if keep is None else keep | mask
-    genes = np.flatnonzero(keep)
+        if genes is None:
+            mask = select_genes(N, lib, thresh, alpha)
+            keep = mask if keep is None else keep | mask
+    if genes is None:
+        genes = np.flatnonzero(keep)
     scaled = []
     for N in normed:
         sub = N[:, genes]
@@ -123,6 +126,28 @@ def prepare_scipy(
         inv = np.divide(1.0, rms, out=np.zeros_like(rms), where=rms > 0)  # NaN -> 0 as rliger
         scaled.append(sp.csr_matrix(sub @ sp.diags(inv), dtype=np.float32))
     return genes, scaled
+
+
+def prepare_onlinemf(names: list[str], counts: list[sp.csr_matrix], gene_names: np.ndarray,
+                     genes: np.ndarray | None = None) -> tuple[np.ndarray, list[sp.csr_matrix]]:
+    """The same recipe through the project's own ``onlinemf.preprocess.prepare``."""
+    from onlinemf.preprocess import prepare
+    from onlinemf.readers import MemorySource
+
+    sources = [MemorySource(X, name=n, var_names=gene_names) for n, X in zip(names, counts, strict=True)]
+    with prepare(sources, genes=genes) as prepared:
+        Xs = [src.read_block(0, src.n_cells) for src in prepared.sources]
+        return np.asarray(prepared.genes, dtype=str), Xs
+
+
+def prepare_data(how: str, names: list[str], counts: list[sp.csr_matrix], gene_names: np.ndarray,
+                 genes: np.ndarray | None = None) -> tuple[np.ndarray, list[sp.csr_matrix]]:
+    """Gene names used (``genes``, or selected) and prepared float32 CSR (cells x genes) per dataset."""
+    if how == "onlinemf":
+        return prepare_onlinemf(names, counts, gene_names, genes)
+    index = None if genes is None else np.flatnonzero(np.isin(gene_names, genes))
+    used, Xs = prepare_scipy(counts, index)
+    return gene_names[used], Xs
 
 
 def write_prepared(path: Path, names: list[str], genes: np.ndarray, Xs: list[sp.csr_matrix]) -> None:
@@ -228,12 +253,19 @@ def main() -> None:
     p.add_argument("--scale", type=int, nargs="+", default=[1],
                    help="cell multipliers; 10 = resample 10x the cells per batch")
     p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
+    p.add_argument("--large-seeds", type=int, nargs="+", default=[1],
+                   help="seeds for scales > 1 (pyliger takes minutes per run there)")
     p.add_argument("--threads", type=int, nargs="+", default=[1])
     p.add_argument("--tools", nargs="+", choices=TOOLS, default=list(TOOLS))
     p.add_argument("--k", type=int, default=20)
     p.add_argument("--lam", type=float, default=5.0)
     p.add_argument("--batch-size", type=int, default=5000)
     p.add_argument("--epochs", type=int, default=5)
+    p.add_argument("--prep", choices=("onlinemf", "scipy"), default="onlinemf",
+                   help="data preparation: onlinemf.preprocess.prepare, or the scipy copy here "
+                        "(identical output on Kang, kept as a cross-check)")
+    p.add_argument("--reselect-genes", action="store_true",
+                   help="select genes again on resampled data instead of reusing scale 1's")
     p.add_argument("--resample-seed", type=int, default=0)
     p.add_argument("--timeout", type=float, default=1800.0, help="seconds per run")
     p.add_argument("--output", type=Path, default=WORK / "engine_results.json")
@@ -246,18 +278,27 @@ def main() -> None:
 
     names, counts, gene_names = load_counts(args.data, args.batch_key)
     runs, prepared_info = [], {}
+    # Larger scales keep the original data's genes, so only the cell count changes
+    # (selecting again on resampled cells admits ~50 % more genes: the test's power grows with n).
+    t0 = time.perf_counter()
+    base = prepare_data(args.prep, names, counts, gene_names)
     for scale in args.scale:
-        t0 = time.perf_counter()
-        data = counts if scale == 1 else resample(counts, scale, args.resample_seed)
-        genes, Xs = prepare_scipy(data)
+        if scale == 1:
+            genes, Xs = base
+        else:
+            t0 = time.perf_counter()
+            data = resample(counts, scale, args.resample_seed)
+            genes, Xs = prepare_data(args.prep, names, data, gene_names,
+                                     None if args.reselect_genes else base[0])
+            del data
         prepared = WORK / f"prepared_x{scale}.npz"
-        write_prepared(prepared, names, gene_names[genes], Xs)
+        write_prepared(prepared, names, genes, Xs)
         prepared_info[scale] = {"cells": [X.shape[0] for X in Xs], "genes": int(len(genes)),
                                 "nnz": int(sum(X.nnz for X in Xs)),
                                 "prepare_s": time.perf_counter() - t0}
         print(f"[data] x{scale}: {prepared_info[scale]}", flush=True)
         for threads in args.threads:
-            for seed in args.seeds:
+            for seed in (args.seeds if scale == 1 else args.large_seeds):
                 for tool in args.tools:  # interleaved so machine noise hits every tool alike
                     out = WORK / f"result_{tool}_x{scale}_t{threads}_s{seed}.npz"
                     rec = {"tool": tool, "scale": scale, "threads": threads, "seed": seed}

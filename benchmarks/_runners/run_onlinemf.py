@@ -26,6 +26,7 @@ def main() -> None:
         batch_size=args.batch_size,
         max_epochs=args.epochs,
         random_state=args.seed,
+        n_threads=args.threads,
     )
     with threadpool_limits(args.threads), FitMeter() as meter:
         est.fit(datasets)
