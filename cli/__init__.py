@@ -6,8 +6,10 @@ leaves no partial outputs (outputs are only renamed into place when complete).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
+import signal
 import sys
 from pathlib import Path
 
@@ -26,6 +28,7 @@ def _user_errors(func):
         from tqdm.contrib.logging import logging_redirect_tqdm
 
         _setup_logging(kwargs.get("quiet", False), kwargs.get("verbose", 0))
+        _sigterm_as_interrupt()
         try:
             with logging_redirect_tqdm():
                 return func(*args, **kwargs)
@@ -44,6 +47,16 @@ def _progress(quiet: bool):
     from onlinemf._progress import NullProgress, tqdm_progress
 
     return NullProgress if quiet else tqdm_progress
+
+
+def _sigterm_as_interrupt():
+    """SIGTERM (kill, a batch scheduler's time limit) cleans up like Ctrl-C: temporaries removed."""
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+
+    with contextlib.suppress(ValueError):  # not in the main thread (e.g. some test runners)
+        signal.signal(signal.SIGTERM, handler)
 
 
 def _setup_logging(quiet: bool, verbose: int):

@@ -110,8 +110,9 @@ def fit(inputs, *, output=None, model=None, options: FitOptions | None = None, p
         resume_genes = _checkpoint_genes(resume, opts)
     elif opts.resume:
         logger.info("no checkpoint at %s yet: starting from the beginning", opts.checkpoint)
-    if opts.plots is not None:
-        Path(opts.plots).mkdir(parents=True, exist_ok=True)
+    if opts.plots is not None and Path(opts.plots).exists() and not Path(opts.plots).is_dir():
+        msg = f"--plots {opts.plots}: expected a folder, found a file"
+        raise InputError(msg)
     t0 = time.perf_counter()
     timings = {}
     with threadpool_limits(limits=opts.threads):
@@ -413,6 +414,7 @@ def _plots(folder, umap, datasets, clusters, objective):
     from . import plotting
 
     folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)  # only now: a failed run leaves no empty folder
     written = []
     if umap is not None:
         plotting.plot_embedding(umap, datasets, folder / "umap_dataset.png", title="UMAP by dataset")

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import h5py
 import numpy as np
 import scipy.sparse as sp
-from scipy.stats import norm
+from scipy.special import ndtri
 
 from ._errors import InputError
 from .readers._base import Source, _check_range, check_values
@@ -200,7 +200,7 @@ def _gene_test(stats: DatasetStats, thresh: float, alpha: float) -> tuple[np.nda
     score = log10(var) - log10(mu * nu); -inf or NaN for genes without expression or variance.
     """
     mu, var, nu = stats.gene_mean, stats.gene_var, stats.nu
-    z = norm.isf(alpha / stats.n_genes / 2)
+    z = -ndtri(alpha / stats.n_genes / 2)  # norm.isf without importing scipy.stats (1.3 s)
     with np.errstate(divide="ignore", invalid="ignore"):
         upper = mu + z * np.sqrt(mu * nu / stats.n_used)
         var_test = var / nu > upper

@@ -155,3 +155,16 @@ def test_two_processes_read_one_input_at_once(tmp_path):
     H_b = ad.read_h5ad(tmp_path / "b.h5ad").obsm["X_inmf"]
     np.testing.assert_array_equal(H_a, H_b)
     assert temporaries(tmp_path) == []
+
+
+def test_sigterm_cleans_up_like_sigint(tmp_path):
+    """A scheduler's SIGTERM (time limit) exits like Ctrl-C: status 130, only the checkpoint left."""
+    os.symlink(DEMO, tmp_path / "in.h5ad")
+    ckpt = tmp_path / "ck.h5"
+    proc = start(command(tmp_path, "out", "--checkpoint", str(ckpt), "--checkpoint-every", "2"))
+    wait_for(ckpt.exists, proc, "the first checkpoint")
+    proc.send_signal(signal.SIGTERM)
+    status, err = finish(proc)
+    assert status == 130, err
+    assert "Traceback" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ck.h5", "in.h5ad"]
