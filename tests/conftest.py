@@ -14,7 +14,7 @@ def _shared_data() -> Path:
     env = os.environ.get("ONLINEMF_SHARED_DATA")
     if env:
         return Path(env)
-    for cand in (REPO.parent / "shared" / "data", REPO / "data" / "shared"):
+    for cand in (REPO.parent / "shared" / "data", REPO / "data" / "shared", Path("/work/shared/data")):
         if cand.is_dir():
             return cand
     return REPO.parent / "shared" / "data"
