@@ -88,6 +88,49 @@ def _open(inputs, opts, progress):
     return sources
 
 
+@contextlib.contextmanager
+def _prepared_inputs(inputs, opts: FitOptions, progress, *, genes=None, cache=None, check=None, **select):
+    """Open the inputs, run ``check(sources)``, prepare them (one streamed pass, then the cache pass) and
+    yield ``(sources, prepared)``; every file and cache is closed on the way out, on errors too."""
+    sources = _open(inputs, opts, progress)
+    prepared = None
+    try:
+        _check_copy_x(opts, inputs, sources)
+        if check is not None:
+            check(sources)
+        n_total = sum(s.n_cells for s in sources)
+        with progress(total=n_total, desc="preprocess", unit="cells") as bar:
+            prepared = prepare(sources, genes=genes, block_size=BLOCK_SIZE, progress=bar.update,
+                               cache=_cache_mode(cache, n_total), **select)
+        if opts.k is not None and genes is None and opts.k > len(prepared.genes):
+            msg = (f"--k {opts.k}: expected at most the number of genes used ({len(prepared.genes)}); "
+                   "lower --k or select more genes (--n-genes, --var-thresh)")
+            raise InputError(msg)
+        _build_caches(prepared, progress)
+        yield sources, prepared
+    finally:
+        for s in [*(prepared.sources if prepared is not None else []), *sources]:
+            s.close()
+
+
+def _finish(scenario, est, inputs, sources, prepared, opts, progress, *, output, model, model_kwargs, timings,
+            project=False) -> RunSummary:
+    """Final H (with the objective), then model and results: the model is renamed into place only after the
+    results are written, so a run leaves all its outputs or none."""
+    H, objective, timings["final_h_s"] = _final_h(est, prepared.sources, progress, project=project)
+    summary = RunSummary(scenario, sum(s.n_cells for s in sources), {s.name: s.n_cells for s in sources},
+                         len(prepared.genes), 0.0, objective, timings=timings)
+    with _pending(model) as model_tmp:
+        if model is not None:
+            save_model(model_tmp, est, **model_kwargs)
+            summary.outputs.append(str(model))
+        if output is not None or opts.plots is not None:
+            table = ResultsTable.from_sources(inputs, sources, opts.batch_key)
+            _postprocess_and_write(table, H, est, prepared.genes, opts, output, summary, progress,
+                                   params=_params(opts, est))
+    return summary
+
+
 def fit(inputs, *, output=None, model=None, options: FitOptions | None = None, progress=NullProgress) -> RunSummary:
     """Scenario 1: learn W, V_i from fixed datasets streamed from disk; write results and model.
 
@@ -104,81 +147,31 @@ def fit(inputs, *, output=None, model=None, options: FitOptions | None = None, p
     opts = options or FitOptions()
     inputs = [Path(p) for p in inputs]
     _check_outputs(inputs, {"output": output, "model output": model, "checkpoint": opts.checkpoint})
-    resume = None
+    _check_plots(opts)
+    resume, genes = None, None
     if opts.resume and opts.checkpoint is not None and Path(opts.checkpoint).exists():
+        # A resumed fit keeps the checkpoint's genes, so it continues exactly the same problem.
         resume = Path(opts.checkpoint)
-        resume_genes = _checkpoint_genes(resume, opts)
+        genes = _checkpoint_genes(resume, opts)
     elif opts.resume:
         logger.info("no checkpoint at %s yet: starting from the beginning", opts.checkpoint)
-    if opts.plots is not None and Path(opts.plots).exists() and not Path(opts.plots).is_dir():
-        msg = f"--plots {opts.plots}: expected a folder, found a file"
-        raise InputError(msg)
     t0 = time.perf_counter()
     timings = {}
     with threadpool_limits(limits=opts.threads):
-        sources = _open(inputs, opts, progress)
-        prepared = None
-        try:
-            _check_copy_x(opts, inputs, sources)
-            _check_cells_for_k(sources, opts.k)
-            n_total = sum(s.n_cells for s in sources)
-            t = time.perf_counter()
-            with progress(total=n_total, desc="preprocess", unit="cells") as bar:
-                prepared = prepare(
-                    sources,
-                    # A resumed fit keeps the checkpoint's genes, so it continues exactly the same problem.
-                    genes=resume_genes if resume is not None else None,
-                    thresh=opts.var_thresh,
-                    alpha=opts.alpha,
-                    n_genes=opts.n_genes,
-                    combine=opts.combine,
-                    block_size=BLOCK_SIZE,
-                    cache=_cache_mode(opts.cache, n_total),
-                    progress=bar.update,
-                )
-            if opts.k > len(prepared.genes):
-                msg = (f"--k {opts.k}: expected at most the number of genes used ({len(prepared.genes)}); "
-                       "lower --k or select more genes (--n-genes, --var-thresh)")
-                raise InputError(msg)
-            _build_caches(prepared, progress)
-            timings["preprocess_s"] = time.perf_counter() - t
-            est = OnlineINMF(
-                n_components=opts.k,
-                lam=opts.lam,
-                batch_size=opts.batch_size,
-                max_epochs=opts.epochs,
-                random_state=opts.seed,
-                n_threads=opts.threads,
-            )
+        select = {"thresh": opts.var_thresh, "alpha": opts.alpha, "n_genes": opts.n_genes, "combine": opts.combine}
+        with _prepared_inputs(inputs, opts, progress, genes=genes, cache=opts.cache,
+                              check=lambda sources: _check_cells_for_k(sources, opts.k), **select) as (sources, prepared):
+            timings["preprocess_s"] = time.perf_counter() - t0
+            est = OnlineINMF(n_components=opts.k, lam=opts.lam, batch_size=opts.batch_size, max_epochs=opts.epochs,
+                             random_state=opts.seed, n_threads=opts.threads)
             checkpoint = Checkpoint(opts.checkpoint, every=opts.checkpoint_every) if opts.checkpoint else None
             t = time.perf_counter()
             with progress(total=None, desc="factorize", unit="batch") as bar:
                 est.fit(prepared.sources, progress=_step_progress(bar), checkpoint=checkpoint, resume=resume)
             timings["factorize_s"] = time.perf_counter() - t
-            H, objective, t_h = _final_h(est, prepared.sources, progress)
-            timings["final_h_s"] = t_h
-            summary = RunSummary(
-                scenario="fit",
-                n_cells=n_total,
-                datasets={s.name: s.n_cells for s in sources},
-                n_genes=len(prepared.genes),
-                seconds=0.0,
-                objective=objective,
-                timings=timings,
-            )
-            # The model is renamed into place only after the results are written: all outputs or none.
-            with _pending(model) as model_tmp:
-                if model is not None:
-                    save_model(model_tmp, est, scaling=prepared.scales, info=_model_info(opts, inputs))
-                    summary.outputs.append(str(model))
-                if output is not None or opts.plots is not None:
-                    table = ResultsTable.from_sources(inputs, sources, opts.batch_key)
-                    _postprocess_and_write(
-                        table, H, est, prepared.genes, opts, output, summary, progress, params=_params(opts, est)
-                    )
-        finally:
-            for s in [*(prepared.sources if prepared is not None else []), *sources]:
-                s.close()
+            summary = _finish("fit", est, inputs, sources, prepared, opts, progress, output=output, model=model,
+                              model_kwargs={"scaling": prepared.scales, "info": _model_info(opts, inputs)},
+                              timings=timings)
     if opts.checkpoint and Path(opts.checkpoint).exists():
         # A finished run needs no checkpoint: the model file holds the result.
         Path(opts.checkpoint).unlink()
@@ -196,41 +189,30 @@ def update(model, inputs, *, output=None, model_out=None, options: FitOptions | 
     inputs = [Path(p) for p in inputs]
     model = Path(model)
     _check_outputs([*inputs, model], {"output": output, "model output": model_out})
+    _check_plots(opts)
     t0 = time.perf_counter()
     saved = load_model(model)
     est = saved.estimator
-    genes = np.asarray(est.var_names_in_)
-    with threadpool_limits(limits=opts.threads):
-        sources = _open(inputs, opts, progress)
-        prepared = None
-        try:
-            _check_copy_x(opts, inputs, sources)
-            clash = sorted(set(s.name for s in sources) & set(est.dataset_names_))
-            if clash:
-                msg = f"{inputs[0]}: dataset name(s) {clash} already exist in model {model}; rename the files or categories"
-                raise InputError(msg)
-            n_total = sum(s.n_cells for s in sources)
-            with progress(total=n_total, desc="preprocess", unit="cells") as bar:
-                prepared = prepare(sources, genes=genes, block_size=BLOCK_SIZE, cache=_cache_mode(opts.cache, n_total), progress=bar.update)
-            _build_caches(prepared, progress)
-            if opts.epochs is not None:
-                est.set_params(max_epochs=opts.epochs)
-            with progress(total=None, desc="update", unit="batch") as bar:
-                est.update(prepared.sources, progress=_step_progress(bar))
-            H, objective, _ = _final_h(est, prepared.sources, progress)
-            summary = RunSummary("update", n_total, {s.name: s.n_cells for s in sources}, len(genes), 0.0, objective)
-            with _pending(model_out) as model_tmp:
-                if model_out is not None:
-                    scaling = dict(saved.scaling or {})
-                    scaling.update(prepared.scales)
-                    save_model(model_tmp, est, scaling=scaling, info=saved.info)
-                    summary.outputs.append(str(model_out))
-                if output is not None:
-                    table = ResultsTable.from_sources(inputs, sources, opts.batch_key)
-                    _postprocess_and_write(table, H, est, genes, opts, output, summary, progress, params=_params(opts, est))
-        finally:
-            for s in [*(prepared.sources if prepared is not None else []), *sources]:
-                s.close()
+
+    def check(sources):
+        clash = sorted({s.name for s in sources} & set(est.dataset_names_))
+        if clash:
+            msg = f"{inputs[0]}: dataset name(s) {clash} already exist in model {model}; rename the files or categories"
+            raise InputError(msg)
+
+    timings = {}
+    with threadpool_limits(limits=opts.threads), _prepared_inputs(
+        inputs, opts, progress, genes=np.asarray(est.var_names_in_), cache=opts.cache, check=check
+    ) as (sources, prepared):
+        if opts.epochs is not None:
+            est.set_params(max_epochs=opts.epochs)
+        t = time.perf_counter()
+        with progress(total=None, desc="update", unit="batch") as bar:
+            est.update(prepared.sources, progress=_step_progress(bar))
+        timings["factorize_s"] = time.perf_counter() - t
+        summary = _finish("update", est, inputs, sources, prepared, opts, progress, output=output, model=model_out,
+                          model_kwargs={"scaling": {**(saved.scaling or {}), **prepared.scales}, "info": saved.info},
+                          timings=timings)
     summary.seconds = time.perf_counter() - t0
     return summary
 
@@ -240,27 +222,22 @@ def project(model, inputs, *, output=None, options: FitOptions | None = None, pr
     opts = options or FitOptions()
     inputs = [Path(p) for p in inputs]
     _check_outputs([*inputs, Path(model)], {"output": output})
+    _check_plots(opts)
     t0 = time.perf_counter()
     est = load_model(model).estimator
-    genes = np.asarray(est.var_names_in_)
-    with threadpool_limits(limits=opts.threads):
-        sources = _open(inputs, opts, progress)
-        prepared = None
-        try:
-            _check_copy_x(opts, inputs, sources)
-            n_total = sum(s.n_cells for s in sources)
-            with progress(total=n_total, desc="preprocess", unit="cells") as bar:
-                prepared = prepare(sources, genes=genes, block_size=BLOCK_SIZE, cache=None, progress=bar.update)
-            H, _, _ = _final_h(est, prepared.sources, progress, project=True)
-            summary = RunSummary("project", n_total, {s.name: s.n_cells for s in sources}, len(genes), 0.0)
-            if output is not None:
-                table = ResultsTable.from_sources(inputs, sources, opts.batch_key)
-                _postprocess_and_write(table, H, est, genes, opts, output, summary, progress, params=_params(opts, est))
-        finally:
-            for s in [*(prepared.sources if prepared is not None else []), *sources]:
-                s.close()
+    with threadpool_limits(limits=opts.threads), _prepared_inputs(
+        inputs, opts, progress, genes=np.asarray(est.var_names_in_)
+    ) as (sources, prepared):
+        summary = _finish("project", est, inputs, sources, prepared, opts, progress, output=output, model=None,
+                          model_kwargs={}, timings={}, project=True)
     summary.seconds = time.perf_counter() - t0
     return summary
+
+
+def _check_plots(opts: FitOptions) -> None:
+    if opts.plots is not None and Path(opts.plots).exists() and not Path(opts.plots).is_dir():
+        msg = f"--plots {opts.plots}: expected a folder, found a file"
+        raise InputError(msg)
 
 
 def _check_outputs(inputs, outputs: dict) -> None:
