@@ -224,8 +224,7 @@ def update_stats(A, B, A_old, B_old, H, X, t: int, new_epoch: bool) -> None:
     diag = np.einsum("ii->i", A)
     diag[diag == 0] = A_DIAG_GUARD
     B *= s
-    XtH = X.T @ H if sp.issparse(X) else X.T @ H
-    B += np.asarray(XtH).T / b
+    B += np.asarray(X.T @ H).T / b
 
 
 # ----------------------------------------------------------------------------- HALS

@@ -18,7 +18,7 @@ from threadpoolctl import threadpool_limits
 
 from . import _solvers as S
 from ._errors import InputError
-from .readers._base import MemorySource, Source, check_values
+from .readers._base import MemorySource, Source, as_matrix
 from .schedule import MinibatchPlan
 
 logger = logging.getLogger(__name__)
@@ -240,16 +240,7 @@ class OnlineINMF:
 
     # ------------------------------------------------------------------ one iteration
     def _as_block(self, X, name: str):
-        if sp.issparse(X):
-            X = sp.csr_matrix(X, dtype=self._dt)
-        else:
-            X = np.asarray(X)
-            if X.ndim != 2:
-                msg = f"{name}: expected a 2-D cells x genes matrix, found {X.ndim} dimension(s)"
-                raise InputError(msg)
-            X = sp.csr_matrix(X.astype(self._dt))
-        check_values(X.data, name)
-        return X
+        return as_matrix(X, name, dtype=self._dt)
 
     def _step(self, batch: dict, new_epoch: bool) -> dict:
         """One iteration over ``batch`` (name -> CSR block): H, A/B, HALS.

@@ -82,21 +82,7 @@ class MemorySource(Source):
     """
 
     def __init__(self, X, *, name: str = "dataset", var_names=None, obs_names=None, check: bool = True):
-        if sp.issparse(X):
-            X = sp.csr_matrix(X, dtype=np.float32)
-        else:
-            X = np.asarray(X)
-            if X.ndim != 2:
-                msg = f"{name}: expected a 2-D cells x genes matrix, found {X.ndim} dimension(s)"
-                raise InputError(msg)
-            if not np.issubdtype(X.dtype, np.number) or np.issubdtype(X.dtype, np.complexfloating):
-                msg = f"{name}: expected numeric values, found dtype {X.dtype}"
-                raise InputError(msg)
-            X = sp.csr_matrix(X.astype(np.float32, copy=False))
-        X.sum_duplicates()
-        X.sort_indices()
-        if check:
-            check_values(X.data, name)
+        X = as_matrix(X, name, check=check)
         self._X = X
         self.name = str(name)
         n, m = X.shape
@@ -121,6 +107,26 @@ class MemorySource(Source):
     def read_block(self, start: int, stop: int) -> sp.csr_matrix:
         _check_range(self, start, stop)
         return self._X[start:stop]
+
+
+def as_matrix(X, name: str, *, dtype=np.float32, check: bool = True) -> sp.csr_matrix:
+    """A cells x genes scipy matrix or array as canonical CSR of ``dtype`` (values checked when ``check``)."""
+    if sp.issparse(X):
+        X = sp.csr_matrix(X, dtype=dtype)
+    else:
+        X = np.asarray(X)
+        if X.ndim != 2:
+            msg = f"{name}: expected a 2-D cells x genes matrix, found {X.ndim} dimension(s)"
+            raise InputError(msg)
+        if not np.issubdtype(X.dtype, np.number) or np.issubdtype(X.dtype, np.complexfloating):
+            msg = f"{name}: expected numeric values, found dtype {X.dtype}"
+            raise InputError(msg)
+        X = sp.csr_matrix(X.astype(dtype, copy=False))
+    X.sum_duplicates()
+    X.sort_indices()
+    if check:
+        check_values(X.data, name)
+    return X
 
 
 def check_values(values: np.ndarray, name: str) -> None:
