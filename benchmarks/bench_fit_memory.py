@@ -107,6 +107,21 @@ def child_trace(path: str, extra: list[str]) -> dict:
     def factory(total=None, desc="", unit="it"):
         return Phase(desc)
 
+    def phased(func, desc):
+        def wrapper(*args, **kwargs):
+            state["phase"] = desc
+            try:
+                return func(*args, **kwargs)
+            finally:
+                state["phase"] = f"after {desc}"
+
+        return wrapper
+
+    # Steps after the final H report no progress: mark them by wrapping what the pipeline calls.
+    pipelines.save_model = phased(pipelines.save_model, "save model")
+    pipelines.ResultsTable.from_sources = phased(pipelines.ResultsTable.from_sources, "read obs")
+    pipelines.align_cluster_embed = phased(pipelines.align_cluster_embed, "quantile_norm")
+    pipelines.write_results = phased(pipelines.write_results, "write results")
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
     epochs = int(extra[extra.index("--epochs") + 1]) if "--epochs" in extra else 5
