@@ -19,7 +19,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from ._errors import InputError
-from .readers._base import Source, _check_range
+from .readers._base import Source, _check_range, csr_ranges, csr_rows
 
 logger = logging.getLogger("onlinemf.preprocess")
 
@@ -92,10 +92,10 @@ class _MemoryCache:
 
     def read(self, start: int, stop: int) -> sp.csr_matrix:
         # Views of the arrays, not scipy's row slicing (which copies and was 10 % of a fit).
-        X = self._X
-        lo, hi = X.indptr[start], X.indptr[stop]
-        return sp.csr_matrix((X.data[lo:hi], X.indices[lo:hi], X.indptr[start:stop + 1] - lo),
-                             shape=(stop - start, self._n_cols))
+        return csr_rows(self._X, start, stop)
+
+    def read_ranges(self, ranges) -> sp.csr_matrix:
+        return csr_ranges(self._X, ranges)
 
     def close(self) -> None:
         self._X, self._parts = None, []
@@ -248,6 +248,13 @@ class PreparedSource(Source):
         if self._cache is None:
             self.build_cache()
         return self._cache.read(start, stop)
+
+    def read_ranges(self, ranges) -> sp.csr_matrix:
+        if isinstance(self._cache, _MemoryCache):
+            for a, b in ranges:
+                _check_range(self, a, b)
+            return self._cache.read_ranges(ranges)
+        return super().read_ranges(ranges)
 
     def build_cache(self, *, block_size: int | None = None, progress: Progress = None) -> None:
         """Fill the cache in one pass over the raw source (no-op without ``cache`` or when built)."""

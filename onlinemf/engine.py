@@ -314,9 +314,7 @@ class OnlineINMF:
 
     # ------------------------------------------------------------------ plans
     def _read(self, source: Source, ranges) -> sp.csr_matrix:
-        blocks = [source.read_block(a, b) for a, b in ranges]
-        X = blocks[0] if len(blocks) == 1 else sp.vstack(blocks, format="csr")
-        return X.astype(self._dt, copy=False)
+        return source.read_ranges(ranges).astype(self._dt, copy=False)
 
     def make_plan(self, sources) -> MinibatchPlan:
         """The mini-batch plan over ``sources``, drawing from the model's Generator."""

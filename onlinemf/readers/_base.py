@@ -50,6 +50,11 @@ class Source(abc.ABC):
         Only those rows are read from disk.
         """
 
+    def read_ranges(self, ranges) -> sp.csr_matrix:
+        """The rows of several contiguous ``(start, stop)`` ranges, stacked in that order (a mini-batch)."""
+        blocks = [self.read_block(a, b) for a, b in ranges]
+        return blocks[0] if len(blocks) == 1 else sp.vstack(blocks, format="csr")
+
     def iter_blocks(self, block_size: int):
         """Yield ``(start, stop, block)`` over all cells in order."""
         for start in range(0, self.n_cells, block_size):
@@ -106,7 +111,33 @@ class MemorySource(Source):
 
     def read_block(self, start: int, stop: int) -> sp.csr_matrix:
         _check_range(self, start, stop)
-        return self._X[start:stop]
+        return csr_rows(self._X, start, stop)
+
+    def read_ranges(self, ranges) -> sp.csr_matrix:
+        for a, b in ranges:
+            _check_range(self, a, b)
+        return csr_ranges(self._X, ranges)
+
+
+def csr_rows(X: sp.csr_matrix, start: int, stop: int) -> sp.csr_matrix:
+    """Rows ``start:stop`` of a canonical CSR matrix as views of its arrays (scipy's slicing copies them)."""
+    lo, hi = X.indptr[start], X.indptr[stop]
+    out = sp.csr_matrix((X.data[lo:hi], X.indices[lo:hi], X.indptr[start:stop + 1] - lo), shape=(stop - start, X.shape[1]))
+    out.has_canonical_format = True
+    return out
+
+
+def csr_ranges(X: sp.csr_matrix, ranges) -> sp.csr_matrix:
+    """Rows of several ``(start, stop)`` ranges of a canonical CSR matrix, stacked, in one copy."""
+    ip = X.indptr
+    data = np.concatenate([X.data[ip[a]:ip[b]] for a, b in ranges])
+    indices = np.concatenate([X.indices[ip[a]:ip[b]] for a, b in ranges])
+    counts = np.concatenate([np.diff(ip[a:b + 1]) for a, b in ranges])
+    indptr = np.zeros(counts.size + 1, dtype=ip.dtype)
+    np.cumsum(counts, out=indptr[1:])
+    out = sp.csr_matrix((data, indices, indptr), shape=(counts.size, X.shape[1]))
+    out.has_canonical_format = True
+    return out
 
 
 def as_matrix(X, name: str, *, dtype=np.float32, check: bool = True) -> sp.csr_matrix:
