@@ -82,7 +82,7 @@ def check_rows(rows, n_rows: int, where: str) -> np.ndarray:
     if rows.ndim != 1 or (rows.size and not np.issubdtype(rows.dtype, np.integer)):
         msg = f"{where}: expected rows= to be a 1-D integer array, found {rows.dtype} with shape {rows.shape}"
         raise InputError(msg)
-    rows = rows.astype(np.int64)
+    rows = rows.astype(np.int64, copy=False)  # split rows are int64 already: no copy
     if rows.size and (rows[0] < 0 or rows[-1] >= n_rows or (np.diff(rows) <= 0).any()):
         msg = f"{where}: expected rows= strictly increasing within 0:{n_rows}, found {rows.min()}..{rows.max()} (or unsorted)"
         raise InputError(msg)
