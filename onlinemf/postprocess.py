@@ -39,10 +39,19 @@ def require_extra(extra: str, what: str, modules: tuple[str, ...]):
         raise MissingExtraError(msg) from exc
 
 
+def _float_array(X) -> np.ndarray:
+    # float32 stays float32 (no float64 copy of a cells x K matrix: 80 MB per million cells at K=20).
+    arr = np.asarray(X)
+    return arr if arr.dtype == np.float32 else np.asarray(arr, dtype=np.float64)
+
+
 def check_factors(H, name: str = "H") -> np.ndarray:
-    """Return ``H`` as a finite, non-negative float64 array of shape (n_cells, K) or raise InputError."""
+    """Return ``H`` as a finite, non-negative array of shape (n_cells, K) or raise InputError.
+
+    float32 input stays float32 (not copied); anything else becomes float64.
+    """
     try:
-        arr = np.asarray(H, dtype=np.float64)
+        arr = _float_array(H)
     except (TypeError, ValueError) as exc:
         msg = f"{name}: expected a numeric array of shape (n_cells, K), found {type(H).__name__} ({exc})"
         raise InputError(msg) from exc
@@ -95,11 +104,21 @@ def max_factor_labels(H: np.ndarray) -> np.ndarray:
     -------
     ndarray of shape (n_cells,), int64, values in -1..K-1 (ties go to the lowest factor).
     """
-    rms = np.sqrt((H * H).sum(axis=0) / (H.shape[0] - 1)) if H.shape[0] > 1 else np.full(H.shape[1], np.inf)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        scaled = np.nan_to_num(H / rms, nan=0.0)
-    labels = scaled.argmax(axis=1).astype(np.int64)
-    labels[scaled.max(axis=1) <= 0] = -1
+    # float64 arithmetic whatever H's dtype, in row chunks so float32 H never gets a whole float64 copy.
+    chunk = 65536
+    n = H.shape[0]
+    sumsq = np.zeros(H.shape[1])
+    for start in range(0, n, chunk):
+        part = np.asarray(H[start:start + chunk], dtype=np.float64)
+        sumsq += (part * part).sum(axis=0)
+    rms = np.sqrt(sumsq / (n - 1)) if n > 1 else np.full(H.shape[1], np.inf)
+    labels = np.empty(n, dtype=np.int64)
+    for start in range(0, n, chunk):
+        with np.errstate(divide="ignore", invalid="ignore"):
+            scaled = np.nan_to_num(np.asarray(H[start:start + chunk], dtype=np.float64) / rms, nan=0.0)
+        part = scaled.argmax(axis=1)
+        part[scaled.max(axis=1) <= 0] = -1
+        labels[start:start + chunk] = part
     return labels
 
 
@@ -177,7 +196,9 @@ def quantile_norm(H, datasets, *, reference=None, quantiles=50, min_cells=20, n_
 
     Returns
     -------
-    H_norm : ndarray of shape (n_cells, K), float64
+    H_norm : ndarray of shape (n_cells, K), float32 when H is float32, else float64
+        The quantile mapping runs in float64 per (dataset, cluster, factor) group either way, so float32
+        input gives the float64 result rounded to float32.
     clusters : ndarray of shape (n_cells,), int64
         Cluster (factor) label per cell after refinement, -1 for cells with all-zero factors.
     """
@@ -204,10 +225,13 @@ def quantile_norm(H, datasets, *, reference=None, quantiles=50, min_cells=20, n_
     members = [np.flatnonzero(codes == d) for d in range(len(names))]
     labels = np.empty(n_cells, dtype=np.int64)
     for idx in members:
-        labels[idx] = max_factor_labels(H[idx])
+        H_d = H[idx]
+        labels[idx] = max_factor_labels(H_d)
         if refine_knn:
-            nn = knn_indices(H[idx], min(n_neighbors, idx.size), eps=eps, random_state=random_state)
+            nn = knn_indices(H_d, min(n_neighbors, idx.size), eps=eps, random_state=random_state)
             labels[idx] = knn_vote(nn, labels[idx])
+            del nn
+        del H_d
 
     # Group cells by (dataset, cluster) once, keeping file order inside a group.
     key = codes * (n_factors + 1) + (labels + 1)
@@ -223,9 +247,9 @@ def quantile_norm(H, datasets, *, reference=None, quantiles=50, min_cells=20, n_
                 continue
             n_mapped += cells.size
             for j in range(n_factors):
-                values = H[cells, j]
+                values = H[cells, j].astype(np.float64)
                 q2 = quantiles_type7(_subsample(values, max_sample, rng), quantiles)
-                q1 = quantiles_type7(_subsample(H[ref_cells, j], max_sample, rng), quantiles)
+                q1 = quantiles_type7(_subsample(H[ref_cells, j].astype(np.float64), max_sample, rng), quantiles)
                 if q1.sum() == 0 or q2.sum() == 0 or np.unique(q1).size < 2 or np.unique(q2).size < 2:
                     H_norm[cells, j] = 0.0
                 else:
@@ -348,7 +372,7 @@ def cluster_leiden(X, *, n_neighbors=20, resolution=1.0, random_state=1, n_itera
 
 
 def check_matrix(X, name: str = "X") -> np.ndarray:
-    arr = np.asarray(X, dtype=np.float64)
+    arr = _float_array(X)  # pynndescent and umap-learn work in float32 anyway
     if arr.ndim != 2 or arr.shape[0] == 0 or arr.shape[1] == 0:
         msg = f"{name}: expected a non-empty 2-D array of shape (n_cells, n_dims), found shape {arr.shape}"
         raise InputError(msg)

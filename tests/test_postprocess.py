@@ -176,6 +176,29 @@ def test_deterministic_for_a_seed():
     assert not np.array_equal(first[0], other[0])
 
 
+def test_float32_input_stays_float32_and_equals_float64_result_rounded():
+    rng = np.random.default_rng(9)
+    H = np.vstack([clustered_factors(rng, 400)[0], clustered_factors(rng, 500, scale=3.0, power=1.5)[0]])
+    H32 = H.astype(np.float32)
+    ds = np.repeat(["a", "b"], [400, 500])
+    norm32, lab32 = quantile_norm(H32, ds, max_sample=50, eps=0.0)
+    norm64, lab64 = quantile_norm(H32.astype(np.float64), ds, max_sample=50, eps=0.0)
+    assert norm32.dtype == np.float32 and norm64.dtype == np.float64
+    np.testing.assert_array_equal(lab32, lab64)
+    np.testing.assert_array_equal(norm32, norm64.astype(np.float32))
+
+
+def test_max_factor_labels_over_several_row_chunks():
+    rng = np.random.default_rng(10)
+    H = rng.gamma(1.0, 1.0, size=(140_000, 3)) * np.array([1.0, 5.0, 0.2])
+    H[:5] = 0.0
+    rms = np.sqrt((H * H).sum(axis=0) / (len(H) - 1))
+    expected = (H / rms).argmax(axis=1)
+    expected[:5] = -1
+    np.testing.assert_array_equal(max_factor_labels(H), expected)
+    np.testing.assert_array_equal(max_factor_labels(H.astype(np.float32)), max_factor_labels(H.astype(np.float32).astype(np.float64)))
+
+
 def test_small_clusters_keep_raw_values():
     rng = np.random.default_rng(4)
     H1, _ = clustered_factors(rng, 400)
