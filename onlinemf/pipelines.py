@@ -401,7 +401,7 @@ def _plots(folder, umap, datasets, clusters, objective):
             plotting.plot_embedding(umap, clusters.astype(str), folder / "umap_cluster.png", title="UMAP by cluster")
             written.append(str(folder / "umap_cluster.png"))
     if len(objective):
-        plotting.plot_objective(objective, folder / "objective.png")
+        plotting.plot_objective(objective, folder / "objective.png", title="Objective per epoch (mini-batch estimate)")
         written.append(str(folder / "objective.png"))
     return written
 

@@ -104,14 +104,14 @@ def plot_embedding(coords, labels, path, *, title=None):
     return _save(fig, path)
 
 
-def plot_objective(values, path, *, title="Objective"):
+def plot_objective(values, path, *, title="Objective", xlabel="epoch"):
     """Line plot of the objective per recorded step (log scale when all values are positive).
 
     Parameters
     ----------
     values : array-like of shape (n_steps,)
     path : str or Path
-    title : str
+    title, xlabel : str
 
     Returns
     -------
@@ -126,7 +126,8 @@ def plot_objective(values, path, *, title="Objective"):
     ax.plot(np.arange(1, y.size + 1), y, marker="o" if y.size <= 50 else None, markersize=3)
     if (y > 0).all():
         ax.set_yscale("log")
-    ax.set_xlabel("step")
+    ax.set_xlabel(xlabel)
+    ax.xaxis.get_major_locator().set_params(integer=True)
     ax.set_ylabel("objective")
     ax.set_title(title)
     return _save(fig, path)
