@@ -6,7 +6,8 @@ loaded.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import anndata as ad
@@ -24,20 +25,24 @@ from .readers import read_obs
 class ResultsTable:
     """Cells and genes of a run's inputs, and where each dataset's cells sit in them.
 
+    ``obs`` is read only by :meth:`read_obs`, when writing: post-processing needs only ``n_cells`` and
+    ``placement``, and a million cells' ``obs`` (about 230 MB) would otherwise sit under its peak.
+
     Attributes
     ----------
-    obs : DataFrame, one row per input cell, in input order (files concatenated).
+    n_cells : int, number of result rows (input cells, files concatenated).
     var_names : ndarray of str, genes of the result (the file's genes, or those shared by all files).
     placement : list of ndarray, per dataset (in source order) the result rows of its cells.
     names : list of str, dataset names in source order.
     single_h5ad : path of the input when the run read one ``.h5ad`` (so ``X`` can be copied), else None.
     """
 
-    obs: pd.DataFrame
+    n_cells: int
     var_names: np.ndarray
     placement: list
     names: list
     single_h5ad: Path | None
+    obs_reader: Callable[[], pd.DataFrame] = field(repr=False, default=None)
 
     @classmethod
     def from_sources(cls, inputs, sources, batch_key=None) -> ResultsTable:
@@ -45,39 +50,54 @@ class ResultsTable:
         names = [s.name for s in sources]
         if len(inputs) == 1:
             path = inputs[0]
-            obs = _input_obs(path, sources)
+            single = path if _is_h5ad(path) else None
+            n_cells = _h5ad_rows(path) if single else sum(s.n_cells for s in sources)
+
+            def obs_reader():
+                return _input_obs(path, sources)
+
             placement = []
             for s in sources:
                 rows = getattr(s, "rows", None)
                 placement.append(np.arange(s.n_cells) if rows is None else np.asarray(rows))
             var_names = np.asarray(sources[0].var_names)
-            single = path if _is_h5ad(path) else None
         else:
-            frames, placement, offset = [], [], 0
-            for path, s in zip(inputs, sources, strict=True):
-                frame = _input_obs(path, [s])
-                frame.insert(0, _keys.OBS_DATASET, s.name)
-                frames.append(frame)
+            placement, offset = [], 0
+            for s in sources:
                 placement.append(offset + np.arange(s.n_cells))
                 offset += s.n_cells
-            obs = pd.concat(frames)
-            if not obs.index.is_unique:
-                # Barcodes repeat across 10x files; prefix them with the dataset, as anndata.concat would suffix.
-                obs.index = [f"{d}_{c}" for d, c in zip(obs[_keys.OBS_DATASET], obs.index, strict=True)]
+            n_cells = offset
+
+            def obs_reader():
+                frames = []
+                for path, s in zip(inputs, sources, strict=True):
+                    frame = _input_obs(path, [s])
+                    frame.insert(0, _keys.OBS_DATASET, s.name)
+                    frames.append(frame)
+                obs = pd.concat(frames)
+                if not obs.index.is_unique:
+                    # Barcodes repeat across 10x files; prefix them with the dataset, as anndata.concat would suffix.
+                    obs.index = [f"{d}_{c}" for d, c in zip(obs[_keys.OBS_DATASET], obs.index, strict=True)]
+                return obs
+
             shared = set(sources[0].var_names)
             for s in sources[1:]:
                 shared &= set(s.var_names)
             var_names = np.asarray([g for g in sources[0].var_names if g in shared])
             single = None
-        table = cls(obs=obs, var_names=var_names, placement=placement, names=names, single_h5ad=single)
-        if _keys.OBS_DATASET not in table.obs:
-            table.obs[_keys.OBS_DATASET] = table.datasets
-        table.obs[_keys.OBS_DATASET] = pd.Categorical(table.obs[_keys.OBS_DATASET], categories=names)
-        return table
+        return cls(n_cells=n_cells, var_names=var_names, placement=placement, names=names, single_h5ad=single,
+                   obs_reader=obs_reader)
 
-    @property
-    def n_cells(self) -> int:
-        return len(self.obs)
+    def read_obs(self) -> pd.DataFrame:
+        """The input ``obs`` (read now, while the sources are open), with the dataset column as a categorical."""
+        obs = self.obs_reader()
+        if len(obs) != self.n_cells:
+            msg = f"results: expected {self.n_cells} rows in the input obs, found {len(obs)}"
+            raise InputError(msg)
+        if _keys.OBS_DATASET not in obs:
+            obs[_keys.OBS_DATASET] = self.datasets
+        obs[_keys.OBS_DATASET] = pd.Categorical(obs[_keys.OBS_DATASET], categories=self.names)
+        return obs
 
     @property
     def datasets(self) -> np.ndarray:
@@ -112,6 +132,15 @@ def _is_h5ad(path: Path) -> bool:
         return False
 
 
+def _h5ad_rows(path: Path) -> int:
+    """Number of cells of an ``.h5ad``, from the length of its obs index (nothing read)."""
+    with h5py.File(path, "r") as f:
+        obs = f["obs"]
+        if isinstance(obs, h5py.Dataset):  # anndata < 0.7: a compound dataset
+            return obs.shape[0]
+        return obs[obs.attrs.get("_index", "_index")].shape[0]
+
+
 def _input_obs(path: Path, sources) -> pd.DataFrame:
     if _is_h5ad(path):
         obs = read_obs(path)
@@ -137,14 +166,14 @@ def write_results(path, table: ResultsTable, *, H, H_norm=None, clusters=None, u
         raise InputError(msg)
     var = pd.DataFrame(index=pd.Index(table.var_names.astype(str)))
     var[_keys.VAR_SELECTED] = selected
-    obs = table.obs.copy()
+    obs = table.read_obs()
     if clusters is not None:
         labels = np.asarray(clusters).astype(str)
         obs[_keys.OBS_CLUSTER] = pd.Categorical(labels, categories=sorted(set(labels), key=_natural))
     adata = ad.AnnData(obs=obs, var=var)
     adata.obsm[_keys.OBSM_H] = H
     if H_norm is not None:
-        adata.obsm[_keys.OBSM_H_NORM] = H_norm.astype(np.float32)
+        adata.obsm[_keys.OBSM_H_NORM] = np.asarray(H_norm, dtype=np.float32)
     if umap is not None:
         adata.obsm[_keys.OBSM_UMAP] = np.asarray(umap, dtype=np.float32)
     adata.varm[_keys.VARM_W] = W
