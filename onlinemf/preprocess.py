@@ -173,7 +173,9 @@ def _gene_test(stats: DatasetStats, thresh: float, alpha: float) -> tuple[np.nda
     score = log10(var) - log10(mu * nu); -inf or NaN for genes without expression or variance.
     """
     mu, var, nu = stats.gene_mean, stats.gene_var, stats.nu
-    z = -ndtri(alpha / stats.n_genes / 2)  # norm.isf without importing scipy.stats (1.3 s)
+    # alpha' = alpha / genes: rliger counts the genes the dataset has after removeMissing (with counts).
+    n_tested = max(int((stats.gene_nnz > 0).sum()), 1)
+    z = -ndtri(alpha / n_tested / 2)  # norm.isf without importing scipy.stats (1.3 s)
     with np.errstate(divide="ignore", invalid="ignore"):
         upper = mu + z * np.sqrt(mu * nu / stats.n_used)
         var_test = var / nu > upper

@@ -59,10 +59,16 @@ def ref_stats(X, gene_chunk=2000):
 
 
 def ref_selected(ref, n_genes_total, thresh=0.1, alpha=0.99):
-    """Boolean mask of genes kept by rliger's test, written as in rliger."""
+    """Boolean mask of genes kept by rliger's test, written as in rliger.
+
+    alpha is divided by the genes the dataset keeps after rliger's removeMissing (those with counts),
+    not by ``n_genes_total``, the file's gene count.
+    """
     mu, var, nu = ref["mean"], ref["var"], ref["nu"]
+    n_tested = int((mu > 0).sum())
+    assert n_tested <= n_genes_total
     with np.errstate(divide="ignore", invalid="ignore"):
-        upper = mu + norm.ppf(1 - (alpha / n_genes_total) / 2) * np.sqrt(mu * nu / ref["n"])
+        upper = mu + norm.ppf(1 - (alpha / n_tested) / 2) * np.sqrt(mu * nu / ref["n"])
         return (var / nu > upper) & (np.log10(var) > np.log10(mu * nu) + thresh)
 
 
