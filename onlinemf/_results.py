@@ -138,7 +138,10 @@ def _h5ad_rows(path: Path) -> int:
         obs = f["obs"]
         if isinstance(obs, h5py.Dataset):  # anndata < 0.7: a compound dataset
             return obs.shape[0]
-        return obs[obs.attrs.get("_index", "_index")].shape[0]
+        index = obs[obs.attrs.get("_index", "_index")]
+        if isinstance(index, h5py.Group):  # anndata >= 0.13 / pandas 3: nullable-string-array (values, mask)
+            index = index["values"]
+        return index.shape[0]
 
 
 def _input_obs(path: Path, sources) -> pd.DataFrame:

@@ -67,6 +67,11 @@ def tenx_v2_genomes(h5: h5py.File) -> list[str]:
 
 def read_strings(dataset: h5py.Dataset, sel=()) -> np.ndarray:
     """Decode a string (or other scalar) dataset to a numpy ``str`` array."""
+    if isinstance(dataset, h5py.Group):
+        # anndata >= 0.13 with pandas 3 writes strings as a "nullable-string-array" group (values + mask).
+        from anndata.io import read_elem
+
+        return np.asarray(read_elem(dataset), dtype=object)[sel].astype(str)
     if h5py.check_string_dtype(dataset.dtype) is not None:
         values = dataset.asstr()[sel]
     else:

@@ -275,7 +275,8 @@ def as_source(obj, *, name: str = "dataset", layer: str | None = None) -> Source
             raise InputError(msg)
         if layer is not None:
             if layer not in obj.layers:
-                msg = f"{name}: unknown layer {layer!r}; layers are: {', '.join(obj.layers.keys()) or 'none'}"
+                names = [str(k) for k in obj.layers.keys() if k is not None]  # anndata 0.13 may list None
+                msg = f"{name}: unknown layer {layer!r}; layers are: {', '.join(names) or 'none'}"
                 raise InputError(msg)
             matrix = obj.layers[layer]
         else:
