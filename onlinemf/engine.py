@@ -313,8 +313,8 @@ class OnlineINMF:
         return self
 
     # ------------------------------------------------------------------ plans
-    def _read(self, source: Source, ranges) -> sp.csr_matrix:
-        return source.read_ranges(ranges).astype(self._dt, copy=False)
+    def _read(self, source: Source, ranges, reuse: bool = False) -> sp.csr_matrix:
+        return source.read_ranges(ranges, reuse=reuse).astype(self._dt, copy=False)
 
     def make_plan(self, sources) -> MinibatchPlan:
         """The mini-batch plan over ``sources``, drawing from the model's Generator."""
@@ -322,17 +322,18 @@ class OnlineINMF:
         return MinibatchPlan([s.n_cells for s in sources], self.batch_size, self.max_epochs, self.chunk_size,
                              self._rng)
 
-    def minibatches(self, sources, plan: MinibatchPlan | None = None, *, skip: int = 0):
+    def minibatches(self, sources, plan: MinibatchPlan | None = None, *, skip: int = 0, reuse: bool = False):
         """Yield ``(step, {name: X})`` over a plan, each X read as a few contiguous blocks.
 
-        ``skip`` steps are drawn (same Generator use) but not read (resuming).
+        ``skip`` steps are drawn (same Generator use) but not read (resuming). ``reuse=True`` lets in-memory
+        sources stack each X into buffers they keep, so an X is valid only until the next step (the fit loop).
         """
         sources = as_sources(sources)
         plan = self.make_plan(sources) if plan is None else plan
         for step in plan:
             if step.t <= skip:
                 continue
-            yield step, {s.name: self._read(s, rr) for s, rr in zip(sources, step.ranges, strict=True)}
+            yield step, {s.name: self._read(s, rr, reuse) for s, rr in zip(sources, step.ranges, strict=True)}
 
     def _run_plan(self, sources, *, progress, checkpoint, resume_state=None) -> None:
         from .model_io import write_checkpoint
@@ -349,7 +350,7 @@ class OnlineINMF:
             logger.warning("The plan has no iteration (batch_size=%s, cells %s, max_epochs=%s): raise max_epochs",
                            self.batch_size, plan.n_cells, self.max_epochs)
         n_full = dict(zip([s.name for s in sources], plan.n_cells, strict=True))
-        for step, batch in self.minibatches(sources, plan, skip=done):
+        for step, batch in self.minibatches(sources, plan, skip=done, reuse=True):
             for name, value in self._step(batch, step.new_epoch).items():
                 acc["loss"][name] = acc["loss"].get(name, 0.0) + value
                 acc["cells"][name] = acc["cells"].get(name, 0) + batch[name].shape[0]
