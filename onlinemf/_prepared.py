@@ -45,6 +45,12 @@ def _row_scale(X: sp.csr_matrix) -> tuple[np.ndarray, np.ndarray]:
     return lib, np.repeat(inv, np.diff(X.indptr))
 
 
+def check_cache_mode(cache) -> None:
+    if cache not in (None, "memory", "disk"):
+        msg = f"cache: expected None, 'memory' or 'disk', found {cache!r}"
+        raise InputError(msg)
+
+
 def _check_block_size(block_size) -> None:
     if isinstance(block_size, bool) or not isinstance(block_size, int | np.integer) or block_size < 1:
         msg = f"block_size: expected a positive integer, found {block_size!r}"
@@ -196,9 +202,7 @@ class PreparedSource(Source):
         if not (np.isfinite(scale).all() and (scale >= 0).all()):
             msg = f"{source.name}: expected finite non-negative scale factors, found NaN, inf or negatives"
             raise InputError(msg)
-        if cache not in (None, "memory", "disk"):
-            msg = f"cache: expected None, 'memory' or 'disk', found {cache!r}"
-            raise InputError(msg)
+        check_cache_mode(cache)
         _check_block_size(block_size)
         self._raw = source
         self.name = source.name

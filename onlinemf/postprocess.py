@@ -51,16 +51,12 @@ def check_factors(H, name: str = "H") -> np.ndarray:
     float32 input stays float32 (not copied); anything else becomes float64.
     """
     try:
-        arr = _float_array(H)
+        arr = check_matrix(H, name, dims="K")
     except (TypeError, ValueError) as exc:
+        if isinstance(exc, InputError):
+            raise
         msg = f"{name}: expected a numeric array of shape (n_cells, K), found {type(H).__name__} ({exc})"
         raise InputError(msg) from exc
-    if arr.ndim != 2 or arr.shape[0] == 0 or arr.shape[1] == 0:
-        msg = f"{name}: expected a non-empty 2-D array of shape (n_cells, K), found shape {arr.shape}"
-        raise InputError(msg)
-    if not np.isfinite(arr).all():
-        msg = f"{name}: expected finite values, found {int((~np.isfinite(arr)).sum())} NaN/inf"
-        raise InputError(msg)
     if (arr < 0).any():
         msg = f"{name}: expected non-negative factors, found minimum {arr.min():.3g}"
         raise InputError(msg)
@@ -371,10 +367,11 @@ def cluster_leiden(X, *, n_neighbors=20, resolution=1.0, random_state=1, n_itera
     return labels
 
 
-def check_matrix(X, name: str = "X") -> np.ndarray:
+def check_matrix(X, name: str = "X", *, dims: str = "n_dims") -> np.ndarray:
+    """``X`` as a float (32 or 64) 2-D array, non-empty and finite, else InputError."""
     arr = _float_array(X)  # pynndescent and umap-learn work in float32 anyway
     if arr.ndim != 2 or arr.shape[0] == 0 or arr.shape[1] == 0:
-        msg = f"{name}: expected a non-empty 2-D array of shape (n_cells, n_dims), found shape {arr.shape}"
+        msg = f"{name}: expected a non-empty 2-D array of shape (n_cells, {dims}), found shape {arr.shape}"
         raise InputError(msg)
     if not np.isfinite(arr).all():
         msg = f"{name}: expected finite values, found {int((~np.isfinite(arr)).sum())} NaN/inf"

@@ -22,7 +22,7 @@ import scipy.sparse as sp
 from scipy.special import ndtri
 
 from ._errors import InputError
-from ._prepared import PreparedSource, Progress, _check_block_size, _row_scale, _sum_by
+from ._prepared import PreparedSource, Progress, _check_block_size, _row_scale, _sum_by, check_cache_mode
 from .readers._base import Source, check_values
 
 logger = logging.getLogger(__name__)
@@ -396,9 +396,7 @@ def prepare(sources: Sequence[Source], *, genes=None, thresh: float = 0.1, alpha
     if len(set(names)) != len(names):
         msg = f"sources: expected distinct dataset names, found {names}"
         raise InputError(msg)
-    if cache not in (None, "memory", "disk"):
-        msg = f"cache: expected None, 'memory' or 'disk', found {cache!r}"
-        raise InputError(msg)
+    check_cache_mode(cache)  # before the streaming pass, not after it
     _check_block_size(block_size)
     for src in sources:
         if src.n_cells == 0:
