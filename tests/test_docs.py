@@ -1,0 +1,26 @@
+"""The documentation stays true to the code: every CLI option is in docs/cli.md, every slot in docs/outputs.md."""
+
+from pathlib import Path
+
+import click
+
+from onlinemf import _keys
+from onlinemf.cli import main
+
+DOCS = Path(__file__).resolve().parents[1] / "docs"
+
+
+def test_cli_reference_lists_every_command_and_option():
+    text = (DOCS / "cli.md").read_text()
+    for name, command in main.commands.items():
+        assert f"## onlinemf {name}" in text
+        for param in command.params:
+            if isinstance(param, click.Option):
+                assert any(opt in text for opt in param.opts), f"{name}: {param.opts} missing from docs/cli.md"
+
+
+def test_outputs_doc_names_every_slot():
+    text = (DOCS / "outputs.md").read_text()
+    for key in (_keys.OBSM_H, _keys.OBSM_H_NORM, _keys.OBSM_UMAP, _keys.OBS_CLUSTER, _keys.OBS_DATASET, _keys.VARM_W,
+                _keys.VAR_SELECTED, _keys.UNS):
+        assert key in text, f"{key} missing from docs/outputs.md"
