@@ -141,8 +141,9 @@ def _summary(summary, quiet):
 
 
 def _default_output(inputs, suffix):
+    """``STEM<suffix>`` in the current folder: inputs often sit in shared, read-only data folders."""
     first = Path(inputs[0])
-    return first.with_name(first.name.split(".")[0] + suffix)
+    return Path.cwd() / (first.name.split(".")[0] + suffix)
 
 
 @main.command()
@@ -156,8 +157,8 @@ def _default_output(inputs, suffix):
 @click.option("--var-thresh", default=0.1, type=float, help="rliger's variance threshold for gene selection.")
 @click.option("--combine", default="union", type=click.Choice(["union", "intersection"]), help="How per-dataset gene sets combine.")
 @_input_options
-@click.option("-o", "--output", type=OUT_FILE, default=None, help="Results .h5ad. Default: INPUT_inmf.h5ad beside the first input.")
-@click.option("--model", type=OUT_FILE, default=None, help="Model .h5 for update/project. Default: INPUT_model.h5 beside the first input.")
+@click.option("-o", "--output", type=OUT_FILE, default=None, help="Results .h5ad. Default: INPUT_inmf.h5ad in the current folder (INPUT: the first input's name).")
+@click.option("--model", type=OUT_FILE, default=None, help="Model .h5 for update/project. Default: INPUT_model.h5 in the current folder.")
 @_output_options
 @click.option("--checkpoint", type=OUT_FILE, default=None, help="Save the fit state here every few mini-batches.")
 @click.option("--checkpoint-every", default=20, type=click.IntRange(min=1), help="Mini-batches between checkpoints.")
@@ -187,8 +188,8 @@ def fit(inputs, k, lam, epochs, batch_size, seed, n_genes, var_thresh, combine, 
 @click.argument("inputs", nargs=-1, required=True, type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--epochs", default=5, type=click.IntRange(min=1), help="Passes over the new data.")
 @_input_options
-@click.option("-o", "--output", type=OUT_FILE, default=None, help="Results .h5ad for the new cells. Default: INPUT_inmf.h5ad.")
-@click.option("--model-out", type=OUT_FILE, default=None, help="Updated model. Default: MODEL_updated.h5 (MODEL is never overwritten).")
+@click.option("-o", "--output", type=OUT_FILE, default=None, help="Results .h5ad for the new cells. Default: INPUT_inmf.h5ad in the current folder.")
+@click.option("--model-out", type=OUT_FILE, default=None, help="Updated model. Default: MODEL_updated.h5 in the current folder (MODEL is never overwritten).")
 @_output_options
 @_user_errors
 def update(model, inputs, epochs, batch_key, layer, use_raw, genome, threads, quiet, verbose, output, model_out, cluster, umap, resolution, plots, copy_x):
@@ -198,7 +199,7 @@ def update(model, inputs, epochs, batch_key, layer, use_raw, genome, threads, qu
     key = _resolve_batch_key(inputs, batch_key, quiet)
     opts = pipelines.FitOptions(epochs=epochs, batch_key=key, layer=layer, use_raw=use_raw, genome=genome, threads=threads, cluster=cluster, umap=umap, resolution=resolution, plots=plots, copy_x=copy_x)
     output = output or _default_output(inputs, "_inmf.h5ad")
-    model_out = model_out or model.with_name(model.stem + "_updated.h5")
+    model_out = model_out or Path.cwd() / (model.stem + "_updated.h5")
     summary = pipelines.update(model, inputs, output=output, model_out=model_out, options=opts, progress=_progress(quiet))
     _summary(summary, quiet)
 
@@ -207,7 +208,7 @@ def update(model, inputs, epochs, batch_key, layer, use_raw, genome, threads, qu
 @click.argument("model", type=click.Path(exists=False, dir_okay=False, path_type=Path))
 @click.argument("inputs", nargs=-1, required=True, type=click.Path(dir_okay=False, path_type=Path))
 @_input_options
-@click.option("-o", "--output", type=OUT_FILE, default=None, help="Results .h5ad. Default: INPUT_projected.h5ad.")
+@click.option("-o", "--output", type=OUT_FILE, default=None, help="Results .h5ad. Default: INPUT_projected.h5ad in the current folder.")
 @_output_options
 @_user_errors
 def project(model, inputs, batch_key, layer, use_raw, genome, threads, quiet, verbose, output, cluster, umap, resolution, plots, copy_x):

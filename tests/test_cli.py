@@ -120,3 +120,17 @@ def test_subprocess_fit_and_evaluate(tmp_path):
     ev = subprocess.run([sys.executable, "-m", "onlinemf.cli", "evaluate", str(out), "--label-key", "rliger_leiden"], capture_output=True, text=True, env=env, timeout=300)
     assert ev.returncode == 0, ev.stderr
     assert "alignment" in ev.stdout and "ari" in ev.stdout.lower()
+
+
+def test_default_outputs_go_to_the_current_folder(tmp_path, monkeypatch):
+    """Inputs often sit in read-only shared folders: without -o/--model nothing is written beside them."""
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "tiny.h5ad").write_bytes(TINY.read_bytes())
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    result = run(["fit", data / "tiny.h5ad", *FAST, "--no-cluster"])
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in work.iterdir()) == ["tiny_inmf.h5ad", "tiny_model.h5"]
+    assert sorted(p.name for p in data.iterdir()) == ["tiny.h5ad"]
