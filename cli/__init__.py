@@ -50,13 +50,29 @@ def _progress(quiet: bool):
 
 
 def _sigterm_as_interrupt():
-    """SIGTERM (kill, a batch scheduler's time limit) cleans up like Ctrl-C: temporaries removed."""
+    """SIGINT and SIGTERM (kill, a batch scheduler's time limit) stop the run and clean up: temporaries removed,
+    nothing published. The flag makes the interrupt stick even where Python swallows the KeyboardInterrupt."""
+    from onlinemf._files import interrupt_requested
+
+    interrupt_requested.clear()
 
     def handler(signum, frame):
+        interrupt_requested.set()
         raise KeyboardInterrupt
 
     with contextlib.suppress(ValueError):  # not in the main thread (e.g. some test runners)
+        signal.signal(signal.SIGINT, handler)
         signal.signal(signal.SIGTERM, handler)
+
+    default_hook = sys.__unraisablehook__
+
+    def quiet_swallowed_interrupt(unraisable):
+        # A KeyboardInterrupt raised inside a weakref callback is printed as "Exception ignored ... Traceback"
+        # and dropped; the flag re-raises it at the next safe point, so it needs no message here.
+        if not isinstance(unraisable.exc_value, KeyboardInterrupt):
+            default_hook(unraisable)
+
+    sys.unraisablehook = quiet_swallowed_interrupt
 
 
 def _setup_logging(quiet: bool, verbose: int):

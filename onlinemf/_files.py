@@ -8,11 +8,23 @@ import logging
 import os
 import re
 import tempfile
+import threading
 from pathlib import Path
 
 from ._errors import InputError
 
 logger = logging.getLogger(__name__)
+
+
+#: Set by the CLI's SIGINT/SIGTERM handler. Python swallows a KeyboardInterrupt raised inside a weakref
+#: callback or ``__del__`` ("Exception ignored in ..."), so long loops and every rename check this flag too:
+#: an interrupt is never lost, and nothing is published after one.
+interrupt_requested = threading.Event()
+
+
+def raise_if_interrupted() -> None:
+    if interrupt_requested.is_set():
+        raise KeyboardInterrupt
 
 
 def check_output_path(path, *, inputs=(), what: str = "output") -> Path:
@@ -106,4 +118,5 @@ def publish(tmp, path) -> None:
     os.umask(umask)
     with contextlib.suppress(OSError):
         os.chmod(tmp, 0o666 & ~umask)
+    raise_if_interrupted()
     os.replace(tmp, path)

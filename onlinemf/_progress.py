@@ -2,19 +2,21 @@
 
 from __future__ import annotations
 
+from ._files import raise_if_interrupted
+
 
 class _NullBar:
     total = None
     n = 0
 
     def update(self, n=1):
-        pass
+        raise_if_interrupted()
 
     def set_postfix(self, *args, **kwargs):
         pass
 
     def refresh(self):
-        pass
+        raise_if_interrupted()
 
     def __enter__(self):
         return self
@@ -32,4 +34,14 @@ def tqdm_progress(total=None, desc="", unit="it"):
     """A progress factory of tqdm bars on stderr."""
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc=desc, unit=unit, unit_scale=unit == "cells", leave=True, dynamic_ncols=True, mininterval=0.5)
+    class Bar(tqdm):
+        # Every update is a safe point to re-raise an interrupt Python swallowed elsewhere.
+        def update(self, n=1):
+            raise_if_interrupted()
+            return super().update(n)
+
+        def refresh(self, *args, **kwargs):
+            raise_if_interrupted()
+            return super().refresh(*args, **kwargs)
+
+    return Bar(total=total, desc=desc, unit=unit, unit_scale=unit == "cells", leave=True, dynamic_ncols=True, mininterval=0.5)

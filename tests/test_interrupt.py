@@ -168,3 +168,21 @@ def test_sigterm_cleans_up_like_sigint(tmp_path):
     assert status == 130, err
     assert "Traceback" not in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ck.h5", "in.h5ad"]
+
+
+def test_a_swallowed_interrupt_still_stops_publication(tmp_path):
+    """Python drops a KeyboardInterrupt raised in a weakref callback; the flag the CLI's handler sets makes the
+    next safe point (a progress update, a rename into place) raise it again, so nothing is published."""
+    from onlinemf._files import atomic_output, interrupt_requested
+    from onlinemf._progress import NullProgress
+
+    target = tmp_path / "out.h5ad"
+    interrupt_requested.set()
+    try:
+        with pytest.raises(KeyboardInterrupt), atomic_output(target) as tmp:
+            tmp.write_bytes(b"complete")
+        with pytest.raises(KeyboardInterrupt), NullProgress(total=1) as bar:
+            bar.update(1)
+    finally:
+        interrupt_requested.clear()
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
