@@ -24,6 +24,8 @@ import threading
 import time
 from pathlib import Path
 
+from bench_stream import _rss_mb  # same folder: the script's own directory is on sys.path
+
 WORK = Path(__file__).resolve().parent / "_work"
 
 
@@ -72,12 +74,6 @@ def run_fit(path: Path, extra: list[str], keep: bool) -> dict:
 
 
 # ---------------------------------------------------------------- --trace: RSS per phase, in-process
-def _rss_mb() -> float:
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def child_trace(path: str, extra: list[str]) -> dict:

@@ -81,18 +81,17 @@ def _cache_mode(option: str | None, n_cells: int) -> str | None:
     return "memory" if n_cells <= 200_000 else "disk"
 
 
-def _open(inputs, opts, progress):
-    sources = open_sources(
+def _open(inputs, opts):
+    return open_sources(
         [str(p) for p in inputs], batch_key=opts.batch_key, layer=opts.layer, use_raw=opts.use_raw, genome=opts.genome
     )
-    return sources
 
 
 @contextlib.contextmanager
 def _prepared_inputs(inputs, opts: FitOptions, progress, *, genes=None, cache=None, check=None, **select):
     """Open the inputs, run ``check(sources)``, prepare them (one streamed pass, then the cache pass) and
     yield ``(sources, prepared)``; every file and cache is closed on the way out, on errors too."""
-    sources = _open(inputs, opts, progress)
+    sources = _open(inputs, opts)
     prepared = None
     try:
         _check_copy_x(opts, inputs, sources)

@@ -88,7 +88,7 @@ def test_fit_update_project_scenarios(split_tiny, tmp_path):
     assert info.exit_code == 0 and "stim" in info.output and "ctrl" in info.output
 
 
-def test_info_on_h5ad_and_10x(shared_data):
+def test_info_on_h5ad_and_10x():
     out = run(["info", REPO / "data" / "kang_ctrl_300.h5"]).output
     assert "300" in out and "10x" in out
     out = run(["info", TINY, "--batch-key", "batch"]).output
