@@ -19,7 +19,8 @@ import numpy as np
 import scipy.sparse as sp
 
 from ._errors import InputError
-from .readers._base import Source, StackBuffer, _check_range, csr_ranges, csr_rows
+from ._rowrange import CsrRowRange
+from .readers._base import Source, _check_range, csr_ranges, csr_rows
 
 logger = logging.getLogger("onlinemf.preprocess")
 
@@ -97,11 +98,13 @@ class _MemoryCache:
         return self
 
     def read(self, start: int, stop: int) -> sp.csr_matrix:
-        # Views of the arrays, not scipy's row slicing (which copies and was 10 % of a fit).
         return csr_rows(self._X, start, stop)
 
-    def read_ranges(self, ranges, buffer=None) -> sp.csr_matrix:
-        return csr_ranges(self._X, ranges, buffer=buffer)
+    def read_ranges(self, ranges) -> sp.csr_matrix:
+        return csr_ranges(self._X, ranges)
+
+    def read_pieces(self, ranges) -> list[CsrRowRange]:
+        return [CsrRowRange(self._X, int(a), int(b)) for a, b in ranges]
 
     def close(self) -> None:
         self._X, self._parts = None, []
@@ -213,7 +216,6 @@ class PreparedSource(Source):
         self._col_map[gene_index] = np.arange(gene_index.size)
         self._divisor = np.where(scale > 0, scale, np.inf)
         self._cache: _MemoryCache | _DiskCache | None = None
-        self._stack_buffer: StackBuffer | None = None
         self._lock = threading.Lock()
 
     @property
@@ -254,16 +256,23 @@ class PreparedSource(Source):
             self.build_cache()
         return self._cache.read(start, stop)
 
-    def read_ranges(self, ranges, *, reuse: bool = False) -> sp.csr_matrix:
+    def read_ranges(self, ranges) -> sp.csr_matrix:
         if self.cache_mode == "memory" and self._cache is None:
             self.build_cache()
         if isinstance(self._cache, _MemoryCache):
             for a, b in ranges:
                 _check_range(self, a, b)
-            if reuse and self._stack_buffer is None:
-                self._stack_buffer = StackBuffer()
-            return self._cache.read_ranges(ranges, self._stack_buffer if reuse else None)
+            return self._cache.read_ranges(ranges)
         return super().read_ranges(ranges)
+
+    def read_pieces(self, ranges) -> list:
+        if self.cache_mode == "memory" and self._cache is None:
+            self.build_cache()
+        if isinstance(self._cache, _MemoryCache):
+            for a, b in ranges:
+                _check_range(self, a, b)
+            return self._cache.read_pieces(ranges)
+        return super().read_pieces(ranges)
 
     def build_cache(self, *, block_size: int | None = None, progress: Progress = None) -> None:
         """Fill the cache in one pass over the raw source (no-op without ``cache`` or when built)."""

@@ -12,6 +12,8 @@ import numpy as np
 import scipy.linalg
 import scipy.sparse as sp
 
+from ._rowrange import CsrRowRange, add_rows_times, add_rows_transposed_times
+
 #: Floor applied to W and V after each HALS column update (R/pyliger value): keeps columns alive.
 FACTOR_FLOOR = 1e-16
 #: rliger's guard for zero diagonal entries of A (libplanc ``updateAandB``).
@@ -31,10 +33,60 @@ def gram(W: np.ndarray, V: np.ndarray | None, lam: float) -> np.ndarray:
     return L @ L.T + lam * (V @ V.T)
 
 
+def row_blocks(X) -> list:
+    """``X`` as a list of row blocks; a list or tuple already is the blocks of one mini-batch, in order.
+
+    A block is a CSR matrix, an ndarray, or a :class:`~onlinemf._rowrange.CsrRowRange` (rows of a
+    larger matrix used in place: mini-batches of in-memory data are never copied).
+    """
+    return list(X) if isinstance(X, (list, tuple)) else [X]
+
+
+def n_rows(X) -> int:
+    """Cells in ``X`` (a matrix or a list of row blocks)."""
+    return sum(block.shape[0] for block in row_blocks(X))
+
+
+def _as_range(block):
+    """A CSR block as the range of all its rows (so the in-place kernels apply); other blocks unchanged."""
+    if isinstance(block, CsrRowRange) or not sp.issparse(block) or block.format != "csr":
+        return block
+    return CsrRowRange(block, 0, block.shape[0])
+
+
 def rhs(X, L: np.ndarray) -> np.ndarray:
-    """``X @ L^T`` of shape (n_cells, K) with ``X`` (n_cells, genes) kept sparse."""
-    out = X @ L.T
-    return np.asarray(out, dtype=L.dtype)
+    """``X @ L^T`` of shape (n_cells, K) with ``X`` (n_cells, genes, or a list of row blocks) kept sparse."""
+    Lt = np.ascontiguousarray(L.T)  # scipy would copy a transposed operand for every block
+    out = np.zeros((n_rows(X), L.shape[0]), dtype=L.dtype)
+    start = 0
+    for block in map(_as_range, row_blocks(X)):
+        stop = start + block.shape[0]
+        if isinstance(block, CsrRowRange):
+            add_rows_times(block, Lt, out[start:stop])
+        else:
+            out[start:stop] = block @ Lt
+        start = stop
+    return out
+
+
+def xt_times(X, H: np.ndarray) -> np.ndarray:
+    """``X^T @ H`` of shape (genes, K) for ``X`` (n_cells, genes, or a list of row blocks) and H (n_cells, K).
+
+    The blocks' products accumulate in one array, in row order: the same sums, to the bit, as one
+    product over the stacked rows.
+    """
+    blocks = [_as_range(block) for block in row_blocks(X)]
+    H = np.ascontiguousarray(H)
+    out = np.zeros((blocks[0].shape[1], H.shape[1]), dtype=np.result_type(blocks[0].dtype, H.dtype))
+    start = 0
+    for block in blocks:
+        stop = start + block.shape[0]
+        if isinstance(block, CsrRowRange):
+            add_rows_transposed_times(block, H[start:stop], out)
+        else:
+            out += block.T @ H[start:stop]
+        start = stop
+    return out
 
 
 def _unconstrained(G: np.ndarray, C: np.ndarray) -> np.ndarray:
@@ -76,16 +128,17 @@ def nnls_cd(G: np.ndarray, C: np.ndarray, n_sweeps: int = 10, H0: np.ndarray | N
     else:
         Ht = np.array(H0, dtype=dtype, order="C", copy=True)
     diag = np.maximum(np.diag(G), _TINY).astype(dtype)
-    # Rows of G and C pre-divided by G_jj: one update is h_j -= (G_j h - c_j) / G_jj.
+    # Rows of G and C pre-divided by G_jj, G's diagonal zeroed: the exact minimiser over h_j is
+    # max(0, c_j/G_jj - sum_{k != j} G_jk/G_jj h_k), one gemv and two in-place ufuncs per coordinate.
     Gs = np.ascontiguousarray(G / diag[:, None])
+    np.fill_diagonal(Gs, 0)
     Cs = C / diag[:, None]
-    step = np.empty(n, dtype=dtype)
+    off_diagonal = np.empty(n, dtype=dtype)
     for _ in range(n_sweeps):
         for j in range(K):
-            np.dot(Gs[j], Ht, out=step)
-            step -= Cs[j]
+            np.dot(Gs[j], Ht, out=off_diagonal)
             row = Ht[j]
-            row -= step
+            np.subtract(Cs[j], off_diagonal, out=row)
             np.maximum(row, 0, out=row)
     return Ht
 
@@ -157,7 +210,7 @@ def solve_h(X, W: np.ndarray, V: np.ndarray | None, lam: float, *, n_sweeps: int
 
     Parameters
     ----------
-    X : CSR matrix or ndarray of shape (n_cells, genes)
+    X : CSR matrix or ndarray of shape (n_cells, genes), or a list of row blocks
     W, V : ndarray of shape (K, genes); ``V=None`` projects on W only.
     lam : float
     solver : {"cd", "bpp"}
@@ -201,7 +254,7 @@ def update_stats(A, B, A_old, B_old, H, X, t: int, new_epoch: bool) -> None:
     B, B_old : ndarray of shape (K, genes)
     H : ndarray of shape (b, K)
         H of the mini-batch.
-    X : CSR matrix or ndarray of shape (b, genes)
+    X : CSR matrix or ndarray of shape (b, genes), or a list of row blocks
         The mini-batch.
     t : int
         1-based iteration counter of this dataset.
@@ -224,7 +277,7 @@ def update_stats(A, B, A_old, B_old, H, X, t: int, new_epoch: bool) -> None:
     diag = np.einsum("ii->i", A)
     diag[diag == 0] = A_DIAG_GUARD
     B *= s
-    B += np.asarray(X.T @ H).T / b
+    B += xt_times(X, H).T / b
 
 
 # ----------------------------------------------------------------------------- HALS
@@ -265,8 +318,10 @@ def hals_update(W, Vs, As, Bs, lam: float, update_v, *, n_sweeps: int = 1, floor
 
 # ----------------------------------------------------------------------------- objective
 def squared_norm(X) -> float:
-    """``||X||_F^2`` in float64 for a sparse or dense block."""
-    data = X.data if sp.issparse(X) else np.asarray(X).ravel()
+    """``||X||_F^2`` in float64 for a sparse or dense block, or a list of row blocks."""
+    if isinstance(X, (list, tuple)):
+        return sum(squared_norm(block) for block in X)
+    data = X.data if sp.issparse(X) or isinstance(X, CsrRowRange) else np.asarray(X).ravel()
     if data.dtype != np.float32:
         return float(np.einsum("i,i->", data, data, dtype=np.float64))
     # float32: exact-enough partial sums of 256 values (SIMD), summed in float64 -- relative error ~1e-10,
@@ -284,7 +339,7 @@ def objective_terms(X, H, W, V, lam: float, *, XL=None, G=None) -> float:
 
     Parameters
     ----------
-    X : CSR matrix or ndarray of shape (n_cells, genes)
+    X : CSR matrix or ndarray of shape (n_cells, genes), or a list of row blocks
     H : ndarray of shape (n_cells, K)
     W : ndarray of shape (K, genes)
     V : ndarray of shape (K, genes) or None (projection: V = 0)
@@ -373,7 +428,7 @@ def fit_batch_inmf(Xs, k: int, lam: float, n_iter: int, rng: np.random.Generator
                 Hts[i] = nnls_cd(G, C, n_sweeps=h_sweeps, H0=Hts[i])
             Ht = Hts[i]
             As.append(Ht @ Ht.T)
-            Bs.append(np.asarray(X.T @ Ht.T).T.copy())
+            Bs.append(np.ascontiguousarray(xt_times(X, Ht.T).T))
         hals_update(W, Vs, As, Bs, lam, [True] * len(Xs), n_sweeps=hals_sweeps)
         total = 0.0
         for i in range(len(Xs)):

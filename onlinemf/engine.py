@@ -18,6 +18,7 @@ from threadpoolctl import threadpool_limits
 
 from . import _solvers as S
 from ._errors import InputError
+from ._rowrange import CsrRowRange
 from .readers._base import MemorySource, Source, as_matrix
 from .schedule import MinibatchPlan
 
@@ -240,10 +241,18 @@ class OnlineINMF:
 
     # ------------------------------------------------------------------ one iteration
     def _as_block(self, X, name: str):
+        if isinstance(X, (list, tuple)):  # row blocks of one mini-batch, as minibatches() yields them
+            if not X:
+                msg = f"{name}: expected a mini-batch with at least one row block, found an empty list"
+                raise InputError(msg)
+            # Row ranges come from minibatches() over sources whose values were checked when read.
+            return [block if isinstance(block, CsrRowRange) and block.dtype == self._dt
+                    else as_matrix(block.tocsr() if isinstance(block, CsrRowRange) else block, name, dtype=self._dt)
+                    for block in X]
         return as_matrix(X, name, dtype=self._dt)
 
     def _step(self, batch: dict, new_epoch: bool) -> dict:
-        """One iteration over ``batch`` (name -> CSR block): H, A/B, HALS.
+        """One iteration over ``batch`` (name -> CSR block or list of row blocks): H, A/B, HALS.
 
         Returns each dataset's mini-batch loss, from the H just solved and the factors before
         this iteration's W/V update (the free per-epoch objective estimate).
@@ -268,9 +277,10 @@ class OnlineINMF:
 
         Parameters
         ----------
-        X : CSR matrix or ndarray of shape (n_cells, n_genes), or dict name -> matrix
-            A prepared mini-batch; a dict updates several datasets in one iteration (as every
-            iteration of :meth:`fit` does, so a loop over :meth:`minibatches` replays ``fit``).
+        X : CSR matrix or ndarray of shape (n_cells, n_genes), list of such row blocks, or dict name -> X
+            A prepared mini-batch (a list is its row blocks, in order); a dict updates several datasets
+            in one iteration (as every iteration of :meth:`fit` does, so a loop over :meth:`minibatches`
+            replays ``fit``).
         dataset : str
             Name of the dataset of ``X`` (not with a dict). An unseen name starts a new V/A/B,
             V drawn from K random non-empty cells of ``X``.
@@ -295,14 +305,17 @@ class OnlineINMF:
         batch = {n: self._as_block(x, n) for n, x in batch.items()}
         with self._threads():
             if not self._is_initialized():
-                self._reset(next(iter(batch.values())).shape[1])
+                self._reset(S.row_blocks(next(iter(batch.values())))[0].shape[1])
             for name, x in batch.items():
-                self._check_genes(x.shape[1], None, name)
+                for block in S.row_blocks(x):
+                    self._check_genes(block.shape[1], None, name)
                 if name in self.frozen_:
                     msg = f"partial_fit: expected a new or active dataset, found {name!r} which is frozen (old data after update)"
                     raise InputError(msg)
             for name, x in batch.items():
                 if name not in self.V_:
+                    if isinstance(x, list):
+                        x = sp.vstack([b.tocsr() if isinstance(b, CsrRowRange) else b for b in x], format="csr")
                     idx = S.pick_nonempty_rows(x, self.n_components, self._rng)
                     if idx is None:
                         msg = (f"{name}: expected at least n_components={self.n_components} non-empty cells "
@@ -313,8 +326,11 @@ class OnlineINMF:
         return self
 
     # ------------------------------------------------------------------ plans
-    def _read(self, source: Source, ranges, reuse: bool = False) -> sp.csr_matrix:
-        return source.read_ranges(ranges, reuse=reuse).astype(self._dt, copy=False)
+    def _read(self, source: Source, ranges) -> list:
+        blocks = source.read_pieces(ranges)
+        return [block if block.dtype == self._dt
+                else (block.tocsr() if isinstance(block, CsrRowRange) else block).astype(self._dt)
+                for block in blocks]
 
     def make_plan(self, sources) -> MinibatchPlan:
         """The mini-batch plan over ``sources``, drawing from the model's Generator."""
@@ -322,18 +338,20 @@ class OnlineINMF:
         return MinibatchPlan([s.n_cells for s in sources], self.batch_size, self.max_epochs, self.chunk_size,
                              self._rng)
 
-    def minibatches(self, sources, plan: MinibatchPlan | None = None, *, skip: int = 0, reuse: bool = False):
-        """Yield ``(step, {name: X})`` over a plan, each X read as a few contiguous blocks.
+    def minibatches(self, sources, plan: MinibatchPlan | None = None, *, skip: int = 0):
+        """Yield ``(step, {name: X})`` over a plan; each X is the list of row blocks of one mini-batch.
 
-        ``skip`` steps are drawn (same Generator use) but not read (resuming). ``reuse=True`` lets in-memory
-        sources stack each X into buffers they keep, so an X is valid only until the next step (the fit loop).
+        The blocks are contiguous ranges of a dataset, in mini-batch order: CSR matrices, or for in-memory
+        data :class:`~onlinemf._rowrange.CsrRowRange` references (``.tocsr()`` copies one out), so the fit
+        loop copies nothing. :meth:`partial_fit` takes such a list. ``skip`` steps are drawn (same
+        Generator use) but not read (resuming).
         """
         sources = as_sources(sources)
         plan = self.make_plan(sources) if plan is None else plan
         for step in plan:
             if step.t <= skip:
                 continue
-            yield step, {s.name: self._read(s, rr, reuse) for s, rr in zip(sources, step.ranges, strict=True)}
+            yield step, {s.name: self._read(s, rr) for s, rr in zip(sources, step.ranges, strict=True)}
 
     def _run_plan(self, sources, *, progress, checkpoint, resume_state=None) -> None:
         from .model_io import write_checkpoint
@@ -350,10 +368,10 @@ class OnlineINMF:
             logger.warning("The plan has no iteration (batch_size=%s, cells %s, max_epochs=%s): raise max_epochs",
                            self.batch_size, plan.n_cells, self.max_epochs)
         n_full = dict(zip([s.name for s in sources], plan.n_cells, strict=True))
-        for step, batch in self.minibatches(sources, plan, skip=done, reuse=True):
+        for step, batch in self.minibatches(sources, plan, skip=done):
             for name, value in self._step(batch, step.new_epoch).items():
                 acc["loss"][name] = acc["loss"].get(name, 0.0) + value
-                acc["cells"][name] = acc["cells"].get(name, 0) + batch[name].shape[0]
+                acc["cells"][name] = acc["cells"].get(name, 0) + S.n_rows(batch[name])
             # The batch crossing a boundary counts in the epoch it closes.
             if step.new_epoch or step.t == plan.n_steps:
                 self.objective_.append(sum(acc["loss"][n] / acc["cells"][n] * n_full[n] for n in acc["loss"]))

@@ -218,3 +218,39 @@ def test_batch_inmf_objective_never_increases():
         assert np.all(np.diff(objs) <= 1e-10 * objs[0])
         assert objs[-1] < 0.9 * objs[0]
         assert all(H.min() >= 0 for H in Hs) and all(V.min() > 0 for V in Vs)
+
+
+# ----------------------------------------------------------------------------- row ranges
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_row_range_products_equal_the_stacked_product_bit_for_bit(dtype):
+    from onlinemf import _rowrange
+
+    X = sp.random(400, 60, density=0.2, format="csr", dtype=dtype, random_state=np.random.RandomState(1))
+    rng = np.random.default_rng(2)
+    ranges = [(300, 350), (0, 1), (120, 120), (10, 90)]
+    blocks = [_rowrange.CsrRowRange(X, a, b) for a, b in ranges]
+    stacked = sp.vstack([X[a:b] for a, b in ranges], format="csr")
+    L = rng.random((7, 60)).astype(dtype)
+    H = rng.random((stacked.shape[0], 7)).astype(dtype)
+    np.testing.assert_array_equal(S.rhs(blocks, L), stacked @ L.T)
+    np.testing.assert_array_equal(S.xt_times(blocks, H), stacked.T @ H)
+    assert S.n_rows(blocks) == stacked.shape[0]
+    assert S.squared_norm(blocks) == pytest.approx(S.squared_norm(stacked), rel=1e-7)
+    # The ranges reference the matrix: nothing was copied.
+    assert all(np.shares_memory(b.data, X.data) for b in blocks if b.shape[0])
+    assert (blocks[3].tocsr() != X[10:90]).nnz == 0
+
+
+def test_row_range_products_fall_back_when_the_kernel_does_not_apply(monkeypatch):
+    from onlinemf import _rowrange
+
+    X = sp.random(100, 30, density=0.3, format="csr", dtype=np.float32, random_state=np.random.RandomState(3))
+    blocks = [_rowrange.CsrRowRange(X, 5, 40), _rowrange.CsrRowRange(X, 60, 100)]
+    stacked = sp.vstack([X[5:40], X[60:100]], format="csr")
+    L = np.random.default_rng(4).random((5, 30))  # float64 factors on float32 data: no in-place kernel
+    np.testing.assert_allclose(S.rhs(blocks, L), stacked @ L.T, rtol=1e-6)
+    monkeypatch.setattr(_rowrange, "csr_matvecs", None)  # a scipy without the private kernels
+    L32 = L.astype(np.float32)
+    H = np.random.default_rng(5).random((75, 5)).astype(np.float32)
+    np.testing.assert_allclose(S.rhs(blocks, L32), stacked @ L32.T, rtol=1e-6)
+    np.testing.assert_allclose(S.xt_times(blocks, H), stacked.T @ H, rtol=1e-5)

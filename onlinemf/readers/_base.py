@@ -12,6 +12,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from .._errors import InputError
+from .._rowrange import CsrRowRange
 
 
 class Source(abc.ABC):
@@ -50,14 +51,19 @@ class Source(abc.ABC):
         Only those rows are read from disk.
         """
 
-    def read_ranges(self, ranges, *, reuse: bool = False) -> sp.csr_matrix:
-        """The rows of several contiguous ``(start, stop)`` ranges, stacked in that order (a mini-batch).
+    def read_ranges(self, ranges) -> sp.csr_matrix:
+        """The rows of several contiguous ``(start, stop)`` ranges, stacked in that order (a mini-batch)."""
+        blocks = self.read_pieces(ranges)
+        return blocks[0] if len(blocks) == 1 else sp.vstack(blocks, format="csr")
 
-        ``reuse=True`` lets an in-memory source stack into buffers it keeps: the result is then valid only
-        until the next ``reuse=True`` call (the engine's fit loop, which consumes each mini-batch at once).
+    def read_pieces(self, ranges) -> list:
+        """The rows of several contiguous ``(start, stop)`` ranges as a list of blocks, in that order.
+
+        The engine's fit loop computes on the blocks without stacking them; in-memory sources return
+        :class:`~onlinemf._rowrange.CsrRowRange` references into their matrix, so a mini-batch costs no copy.
         """
         blocks = [self.read_block(a, b) for a, b in ranges]
-        return blocks[0] if len(blocks) == 1 else sp.vstack(blocks, format="csr")
+        return [block.tocsr() if isinstance(block, CsrRowRange) else block for block in blocks]
 
     def iter_blocks(self, block_size: int):
         """Yield ``(start, stop, block)`` over all cells in order."""
@@ -117,53 +123,34 @@ class MemorySource(Source):
         _check_range(self, start, stop)
         return csr_rows(self._X, start, stop)
 
-    def read_ranges(self, ranges, *, reuse: bool = False) -> sp.csr_matrix:
+    def read_ranges(self, ranges) -> sp.csr_matrix:
         for a, b in ranges:
             _check_range(self, a, b)
-        if reuse and not hasattr(self, "_stack_buffer"):
-            self._stack_buffer = StackBuffer()
-        return csr_ranges(self._X, ranges, buffer=self._stack_buffer if reuse else None)
+        return csr_ranges(self._X, ranges)
+
+    def read_pieces(self, ranges) -> list[CsrRowRange]:
+        for a, b in ranges:
+            _check_range(self, a, b)
+        return [CsrRowRange(self._X, int(a), int(b)) for a, b in ranges]
 
 
 def csr_rows(X: sp.csr_matrix, start: int, stop: int) -> sp.csr_matrix:
-    """Rows ``start:stop`` of a canonical CSR matrix as views of its arrays (scipy's slicing copies them)."""
+    """Rows ``start:stop`` of a canonical CSR matrix, without scipy's fancy row slicing.
+
+    scipy's constructor still copies a slice smaller than half of the matrix (``check_format`` prunes
+    views); the fit loop avoids that with :class:`~onlinemf._rowrange.CsrRowRange`.
+    """
     lo, hi = X.indptr[start], X.indptr[stop]
     out = sp.csr_matrix((X.data[lo:hi], X.indices[lo:hi], X.indptr[start:stop + 1] - lo), shape=(stop - start, X.shape[1]))
     out.has_canonical_format = True
     return out
 
 
-class StackBuffer:
-    """Arrays reused to stack mini-batches: a fresh ~10 MB array per step costs its page faults every time
-    (glibc returns large blocks to the system on free), about 10 % of a fit."""
-
-    def __init__(self):
-        self.data = np.empty(0, dtype=np.float32)
-        self.indices = np.empty(0, dtype=np.int32)
-
-    def views(self, nnz: int, data_dtype, index_dtype):
-        if self.data.size < nnz or self.data.dtype != data_dtype or self.indices.dtype != index_dtype:
-            size = max(nnz, int(self.data.size * 1.25))
-            self.data = np.empty(size, dtype=data_dtype)
-            self.indices = np.empty(size, dtype=index_dtype)
-        return self.data[:nnz], self.indices[:nnz]
-
-
-def csr_ranges(X: sp.csr_matrix, ranges, *, buffer: StackBuffer | None = None) -> sp.csr_matrix:
-    """Rows of several ``(start, stop)`` ranges of a canonical CSR matrix, stacked, in one copy.
-
-    With ``buffer`` the result's arrays are views into it, valid until the buffer is used again.
-    """
+def csr_ranges(X: sp.csr_matrix, ranges) -> sp.csr_matrix:
+    """Rows of several ``(start, stop)`` ranges of a canonical CSR matrix, stacked, in one copy."""
     ip = X.indptr
-    data_parts = [X.data[ip[a]:ip[b]] for a, b in ranges]
-    index_parts = [X.indices[ip[a]:ip[b]] for a, b in ranges]
-    if buffer is None:
-        data, indices = np.concatenate(data_parts), np.concatenate(index_parts)
-    else:
-        nnz = sum(part.size for part in data_parts)
-        data, indices = buffer.views(nnz, X.data.dtype, X.indices.dtype)
-        np.concatenate(data_parts, out=data)
-        np.concatenate(index_parts, out=indices)
+    data = np.concatenate([X.data[ip[a]:ip[b]] for a, b in ranges])
+    indices = np.concatenate([X.indices[ip[a]:ip[b]] for a, b in ranges])
     counts = np.concatenate([np.diff(ip[a:b + 1]) for a, b in ranges])
     indptr = np.zeros(counts.size + 1, dtype=ip.dtype)
     np.cumsum(counts, out=indptr[1:])
