@@ -256,23 +256,23 @@ class PreparedSource(Source):
             self.build_cache()
         return self._cache.read(start, stop)
 
-    def read_ranges(self, ranges) -> sp.csr_matrix:
+    def _memory_cache_for(self, ranges) -> _MemoryCache | None:
+        """The memory cache (built on first use) after checking ``ranges``; None with another mode."""
         if self.cache_mode == "memory" and self._cache is None:
             self.build_cache()
-        if isinstance(self._cache, _MemoryCache):
-            for a, b in ranges:
-                _check_range(self, a, b)
-            return self._cache.read_ranges(ranges)
-        return super().read_ranges(ranges)
+        if not isinstance(self._cache, _MemoryCache):
+            return None
+        for a, b in ranges:
+            _check_range(self, a, b)
+        return self._cache
+
+    def read_ranges(self, ranges) -> sp.csr_matrix:
+        cache = self._memory_cache_for(ranges)
+        return super().read_ranges(ranges) if cache is None else cache.read_ranges(ranges)
 
     def read_pieces(self, ranges) -> list:
-        if self.cache_mode == "memory" and self._cache is None:
-            self.build_cache()
-        if isinstance(self._cache, _MemoryCache):
-            for a, b in ranges:
-                _check_range(self, a, b)
-            return self._cache.read_pieces(ranges)
-        return super().read_pieces(ranges)
+        cache = self._memory_cache_for(ranges)
+        return super().read_pieces(ranges) if cache is None else cache.read_pieces(ranges)
 
     def build_cache(self, *, block_size: int | None = None, progress: Progress = None) -> None:
         """Fill the cache in one pass over the raw source (no-op without ``cache`` or when built)."""

@@ -160,6 +160,21 @@ def test_same_seed_same_model_and_factors_nonnegative():
     assert a.objective_[-1] < a.objective_[0]
 
 
+def test_fit_is_the_same_from_memory_disk_or_uncached_prepared_data(tmp_path):
+    # In-memory mini-batches are row ranges used in place, disk ones are read and stacked per range:
+    # the products accumulate in the same order, so the models agree to the bit.
+    from onlinemf.preprocess import prepare
+
+    raw = [MemorySource(X, name=n) for n, X in synthetic().items()]
+    models = []
+    for cache in (None, "memory", "disk"):
+        prep = prepare(raw, n_genes=30, cache=cache, tmpdir=tmp_path)
+        models.append(small_model().fit(prep.sources))
+        prep.close()
+    assert_same_state(models[0], models[1])
+    assert_same_state(models[0], models[2])
+
+
 def test_float32_and_float64_agree():
     data = synthetic()
     a = small_model(dtype="float32").fit(data)

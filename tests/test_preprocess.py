@@ -20,6 +20,7 @@ from onlinemf.preprocess import (
     scale_factors,
     select_genes,
 )
+from onlinemf._rowrange import CsrRowRange
 from onlinemf.readers import MemorySource
 
 SHARED_SETS = [
@@ -387,6 +388,13 @@ def test_cached_reads_equal_uncached(kang, cache, tmp_path):
     assert src.cached
     if cache == "disk":
         assert len(os.listdir(tmp_path)) == 1
+    stacked = ref.read_ranges(ranges)
+    assert_same_csr(src.read_ranges(ranges), stacked)
+    pieces = src.read_pieces(ranges)
+    if cache == "memory":  # row ranges used in place: the mini-batch costs no copy
+        assert all(isinstance(p, CsrRowRange) for p in pieces)
+    assert_same_csr(sp.vstack([p.tocsr() if isinstance(p, CsrRowRange) else p for p in pieces], format="csr"),
+                    stacked)
     cached.close()
     assert not src.cached and os.listdir(tmp_path) == []
     with pytest.raises(IndexError):
