@@ -373,11 +373,14 @@ def v_from_cells(rows, dtype=np.float32) -> np.ndarray:
 
 
 def pick_nonempty_rows(X, k: int, rng: np.random.Generator) -> np.ndarray | None:
-    """Indices of ``k`` distinct random non-empty rows of ``X``, or None if there are fewer."""
+    """Indices of ``k`` distinct random non-empty rows of ``X`` in ascending order, or None if there are fewer.
+
+    The first ``k`` non-empty rows of a random permutation, sorted (see ``OnlineINMF._sample_v_from_source``).
+    """
     nonzero = np.diff(X.indptr) > 0 if sp.issparse(X) else (np.asarray(X) != 0).any(axis=1)
     order = rng.permutation(X.shape[0])
     chosen = order[nonzero[order]][:k]
-    return chosen if chosen.size == k else None
+    return np.sort(chosen) if chosen.size == k else None
 
 
 # ----------------------------------------------------------------------------- batch reference

@@ -194,6 +194,23 @@ def test_progress_and_objective_estimate():
     assert exact == pytest.approx(est.objective_[-1], rel=0.05)  # the free estimate is close
 
 
+def test_v_init_takes_distinct_nonempty_cells_in_file_order():
+    # Cell i holds only gene i, so each row of V names the cell it came from.
+    n, K = 60, 6
+    X = np.zeros((n, n), dtype=np.float32)
+    X[np.arange(n), np.arange(n)] = np.arange(1, n + 1)
+    X[::3] = 0  # empty cells are never chosen
+    for seed in range(5):
+        est = OnlineINMF(K, batch_size=20, random_state=seed).initialize({"a": X, "b": X})
+        cells = [np.argmax(est.V_[name], axis=1) for name in ("a", "b")]
+        for c, name in zip(cells, ("a", "b")):
+            assert np.all(np.diff(c) > 0) and np.all(c % 3 != 0)
+            np.testing.assert_allclose(est.V_[name].max(axis=1), 1.0)  # unit-norm rows
+    # partial_fit starts a new dataset the same way
+    idx = S.pick_nonempty_rows(sp.csr_matrix(X), K, np.random.default_rng(0))
+    assert np.all(np.diff(idx) > 0) and np.all(idx % 3 != 0)
+
+
 def test_v_init_needs_k_nonempty_cells():
     data = synthetic()
     X = data["d1"].toarray()
