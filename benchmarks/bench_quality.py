@@ -17,7 +17,9 @@ scored by the same function, :func:`score`, which calls ``onlinemf.metrics`` on 
 normalised H: ARI and NMI of its clusters against ``obs['cell_type']`` (when present), LIGER
 alignment, and (``--agreement``) LIGER agreement against one shared reference (onlinemf's scaled
 data of each batch). Prints a
-table and writes ``benchmarks/_work/quality_results.json``. See ``benchmarks/README.md``.
+table of means, then onlinemf minus pyliger paired by seed with its standard error (use many seeds: on
+baron the seed moves alignment by ~0.13 sd), and writes ``benchmarks/_work/quality_results.json``. See
+``benchmarks/README.md``.
 
 Shared mini-batch: rliger advises a mini-batch no larger than the smallest dataset, and pyliger
 silently runs ``floor(n_1 * epochs / b_1)`` iterations, i.e. none at all once the batch exceeds
@@ -224,6 +226,36 @@ def print_table(rows: list[dict]) -> None:
               f"{cell(s, 'ari'):>12} {cell(s, 'nmi'):>12} {cell(s, 'alignment'):>12} {cell(s, 'agreement'):>12}")
 
 
+def paired_differences(rows: list[dict]) -> list[dict]:
+    """Per dataset and metric: onlinemf minus pyliger at the shared mini-batch, paired by seed.
+
+    The seed moves every metric more than the tool does (alignment sd ~0.1 on baron), so the
+    difference is judged against its standard error over seeds, not against one run.
+    """
+    out = []
+    for name in dict.fromkeys(r["dataset"] for r in rows):
+        by_pipe = {r["pipeline"]: {run["seed"]: run for run in r["runs"] if "error" not in run}
+                   for r in rows if r["dataset"] == name}
+        ours, theirs = by_pipe.get("onlinemf", {}), by_pipe.get("pyliger", {})
+        seeds = sorted(set(ours) & set(theirs))
+        for metric in ("ari", "nmi", "alignment", "agreement"):
+            d = np.array([ours[s][metric] - theirs[s][metric] for s in seeds
+                          if isinstance(ours[s].get(metric), float) and isinstance(theirs[s].get(metric), float)])
+            if d.size < 2:
+                continue
+            se = float(d.std(ddof=1) / np.sqrt(d.size))
+            out.append({"dataset": name, "metric": metric, "n_seeds": int(d.size), "mean_diff": float(d.mean()),
+                        "se": se, "diff_over_se": float(d.mean() / se) if se > 0 else 0.0})
+    return out
+
+
+def print_paired(diffs: list[dict]) -> None:
+    print(f"{'dataset':<11} {'metric':<10} {'seeds':>5} {'onlinemf - pyliger':>19} {'SE':>7} {'diff/SE':>8}")
+    for d in diffs:
+        print(f"{d['dataset']:<11} {d['metric']:<10} {d['n_seeds']:>5} {d['mean_diff']:>+19.3f} {d['se']:>7.3f} "
+              f"{d['diff_over_se']:>+8.1f}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=list(DATASETS))
@@ -264,6 +296,9 @@ def main() -> None:
                                       "runs": runs, "summary": summarise(runs)})
     print()
     print_table(report["results"])
+    report["paired"] = paired_differences(report["results"])
+    print()
+    print_paired(report["paired"])
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(report, indent=1, default=str))
     print(f"\nwrote {args.output}")
