@@ -8,8 +8,9 @@ range instead, and the products call the kernels scipy's own ``@`` calls (``csr_
 ``csc_matvecs`` from ``scipy.sparse._sparsetools``) with the slice of ``indptr``, which indexes
 the full ``indices``/``data`` arrays directly. Those kernels accumulate into their output, so the
 products over consecutive ranges of one mini-batch add up in the same order, and to the same
-bits, as one product over the stacked rows. Should a scipy release drop that private module, the
-products fall back to building the sub-matrix (a copy, same results).
+bits, as one product over the stacked rows. Should a scipy release drop that private module or change
+how its kernels are called (checked once at import on a small matrix), the products fall back to
+building the sub-matrix (a copy, same results).
 """
 
 from __future__ import annotations
@@ -22,6 +23,23 @@ import scipy.sparse as sp
 try:  # the kernels behind scipy's CSR/CSC @ dense since scipy 0.7
     from scipy.sparse._sparsetools import csc_matvecs, csr_matvecs
 except ImportError:  # pragma: no cover - depends on the scipy release
+    csc_matvecs = csr_matvecs = None
+
+
+def _kernels_agree_with_scipy() -> bool:
+    """Whether the private kernels, called as below, give scipy's public products on a small matrix."""
+    X = sp.csr_matrix(np.array([[1.0, 0.0, 2.0], [0.0, 3.0, 0.0], [4.0, 0.0, 5.0]], dtype=np.float32))
+    dense = np.arange(6, dtype=np.float32).reshape(3, 2)
+    try:
+        y, z = np.zeros((2, 2), np.float32), np.zeros((3, 2), np.float32)
+        csr_matvecs(2, 3, 2, X.indptr[1:4], X.indices, X.data, dense.ravel(), y.ravel())
+        csc_matvecs(3, 2, 2, X.indptr[1:4], X.indices, X.data, dense[:2].ravel(), z.ravel())
+    except Exception:  # noqa: BLE001 - any change of signature means: do not use them
+        return False
+    return np.array_equal(y, X[1:3] @ dense) and np.array_equal(z, X[1:3].T @ dense[:2])
+
+
+if csr_matvecs is not None and not _kernels_agree_with_scipy():  # pragma: no cover - scipy-dependent
     csc_matvecs = csr_matvecs = None
 
 

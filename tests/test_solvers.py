@@ -249,6 +249,11 @@ def test_row_range_products_fall_back_when_the_kernel_does_not_apply(monkeypatch
     stacked = sp.vstack([X[5:40], X[60:100]], format="csr")
     L = np.random.default_rng(4).random((5, 30))  # float64 factors on float32 data: no in-place kernel
     np.testing.assert_allclose(S.rhs(blocks, L), stacked @ L.T, rtol=1e-6)
+    def changed_signature(*args):
+        raise TypeError("csr_matvecs() takes 9 arguments")
+
+    monkeypatch.setattr(_rowrange, "csr_matvecs", changed_signature)
+    assert not _rowrange._kernels_agree_with_scipy()  # import-time check: such kernels are not used
     monkeypatch.setattr(_rowrange, "csr_matvecs", None)  # a scipy without the private kernels
     L32 = L.astype(np.float32)
     H = np.random.default_rng(5).random((75, 5)).astype(np.float32)
