@@ -374,3 +374,16 @@ def test_set_params():
     assert est.lam == 1.5 and est.get_params()["max_epochs"] == 2
     with pytest.raises(InputError, match=r"set_params: expected parameters among .* found \['lamda'\]"):
         est.set_params(lamda=1)
+
+
+def test_a_minibatch_covering_all_cells_says_how_to_train_more(caplog):
+    data = synthetic()  # 1000 cells in all
+    with caplog.at_level("INFO", logger="onlinemf.engine"):
+        small_model(batch_size=5000).fit(data)
+    assert "mini-batch 1000 covers all 1000 cells: 3 iteration(s) in all" in caplog.text
+    assert "smallest dataset (400 cells)" in caplog.text
+    assert "smallest dataset (" in caplog.text
+    caplog.clear()
+    with caplog.at_level("INFO", logger="onlinemf.engine"):
+        small_model(batch_size=100).fit(data)
+    assert "covers all" not in caplog.text
