@@ -13,6 +13,7 @@ from onlinemf.postprocess import (
     knn_vote,
     max_factor_labels,
     quantile_norm,
+    cosine_knn,
     run_umap,
     snn_graph,
 )
@@ -332,6 +333,22 @@ def test_leiden_on_cellbench_matches_cell_types(cellbench):
     assert score > 0.8
     np.testing.assert_array_equal(cluster_leiden(H_norm, resolution=0.3), labels)
     assert metrics.alignment(H_norm, batch) > 0.9
+
+
+def test_cosine_knn_is_exact():
+    rng = np.random.default_rng(3)
+    X = np.abs(rng.normal(size=(200, 8)))
+    X[7] = 0.0  # an all-zero row stays at the origin
+    idx, dist = cosine_knn(X, 6)
+    unit = X / np.maximum(np.linalg.norm(X, axis=1, keepdims=True), 1e-300)
+    full = 1.0 - unit @ unit.T
+    np.fill_diagonal(full, 0.0)
+    full[7, :] = full[:, 7] = 0.5
+    full[7, 7] = 0.0
+    expected = np.sort(full, axis=1)[:, :6]
+    np.testing.assert_allclose(dist, expected, atol=1e-6)
+    np.testing.assert_allclose(np.take_along_axis(full, idx, axis=1), expected, atol=1e-6)
+    assert (idx[:, 0] == np.arange(200)).sum() >= 199  # each row's nearest is itself (ties aside)
 
 
 @pytest.mark.slow  # umap-learn's numba compilation takes ~30 s once per process
