@@ -86,6 +86,11 @@ class CsrRowRange:
         return X.indptr[self.start:self.stop + 1], X.indices, X.data
 
 
+def materialize(block):
+    """A :class:`CsrRowRange` as its own CSR matrix (a copy); any other block unchanged."""
+    return block.tocsr() if isinstance(block, CsrRowRange) else block
+
+
 def add_rows_times(block: CsrRowRange, dense: np.ndarray, out: np.ndarray) -> None:
     """``out += block @ dense`` with ``dense`` (genes, K) and ``out`` (rows, K), both C-contiguous."""
     args = block._kernel_args(dense)

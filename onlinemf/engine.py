@@ -18,7 +18,7 @@ from threadpoolctl import threadpool_limits
 
 from . import _solvers as S
 from ._errors import InputError
-from ._rowrange import CsrRowRange
+from ._rowrange import CsrRowRange, materialize
 from .readers._base import MemorySource, Source, as_matrix
 from .schedule import MinibatchPlan
 
@@ -258,8 +258,7 @@ class OnlineINMF:
                 raise InputError(msg)
             # Row ranges come from minibatches() over sources whose values were checked when read.
             return [block if isinstance(block, CsrRowRange) and block.dtype == self._dt
-                    else as_matrix(block.tocsr() if isinstance(block, CsrRowRange) else block, name, dtype=self._dt)
-                    for block in X]
+                    else as_matrix(materialize(block), name, dtype=self._dt) for block in X]
         return as_matrix(X, name, dtype=self._dt)
 
     def _step(self, batch: dict, new_epoch: bool) -> dict:
@@ -326,7 +325,7 @@ class OnlineINMF:
             for name, x in batch.items():
                 if name not in self.V_:
                     if isinstance(x, list):
-                        x = sp.vstack([b.tocsr() if isinstance(b, CsrRowRange) else b for b in x], format="csr")
+                        x = sp.vstack([materialize(b) for b in x], format="csr")
                     idx = S.pick_nonempty_rows(x, self.n_components, self._rng)
                     if idx is None:
                         msg = (f"{name}: expected at least n_components={self.n_components} non-empty cells "
@@ -339,9 +338,7 @@ class OnlineINMF:
     # ------------------------------------------------------------------ plans
     def _read(self, source: Source, ranges) -> list:
         blocks = source.read_pieces(ranges)
-        return [block if block.dtype == self._dt
-                else (block.tocsr() if isinstance(block, CsrRowRange) else block).astype(self._dt)
-                for block in blocks]
+        return [block if block.dtype == self._dt else materialize(block).astype(self._dt) for block in blocks]
 
     def make_plan(self, sources) -> MinibatchPlan:
         """The mini-batch plan over ``sources``, drawing from the model's Generator."""

@@ -5,19 +5,17 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from onlinemf import InputError
-from onlinemf import metrics, plotting
+from onlinemf import InputError, metrics, plotting
 from onlinemf.postprocess import (
     MissingExtraError,
     cluster_leiden,
+    cosine_knn,
     knn_vote,
     max_factor_labels,
     quantile_norm,
-    cosine_knn,
     run_umap,
     snn_graph,
 )
-
 
 # --- a slow, straightforward per-cell reimplementation of rliger's quantileNorm -----------------------
 

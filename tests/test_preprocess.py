@@ -20,7 +20,7 @@ from onlinemf.preprocess import (
     scale_factors,
     select_genes,
 )
-from onlinemf._rowrange import CsrRowRange
+from onlinemf._rowrange import CsrRowRange, materialize
 from onlinemf.readers import MemorySource
 
 SHARED_SETS = [
@@ -393,7 +393,7 @@ def test_cached_reads_equal_uncached(kang, cache, tmp_path):
     pieces = src.read_pieces(ranges)
     if cache == "memory":  # row ranges used in place: the mini-batch costs no copy
         assert all(isinstance(p, CsrRowRange) for p in pieces)
-    assert_same_csr(sp.vstack([p.tocsr() if isinstance(p, CsrRowRange) else p for p in pieces], format="csr"),
+    assert_same_csr(sp.vstack([materialize(p) for p in pieces], format="csr"),
                     stacked)
     cached.close()
     assert not src.cached and os.listdir(tmp_path) == []

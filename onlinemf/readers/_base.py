@@ -62,8 +62,7 @@ class Source(abc.ABC):
         The engine's fit loop computes on the blocks without stacking them; in-memory sources return
         :class:`~onlinemf._rowrange.CsrRowRange` references into their matrix, so a mini-batch costs no copy.
         """
-        blocks = [self.read_block(a, b) for a, b in ranges]
-        return [block.tocsr() if isinstance(block, CsrRowRange) else block for block in blocks]
+        return [self.read_block(a, b) for a, b in ranges]
 
     def iter_blocks(self, block_size: int):
         """Yield ``(start, stop, block)`` over all cells in order."""
