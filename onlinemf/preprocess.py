@@ -24,6 +24,7 @@ from scipy.special import ndtri
 from ._errors import InputError
 from ._prepared import PreparedSource, Progress, _check_block_size, _row_scale, _sum_by, check_cache_mode
 from .readers._base import Source, check_values
+from .readers._h5ad import iter_split_blocks, split_groups
 
 logger = logging.getLogger(__name__)
 
@@ -32,6 +33,7 @@ __all__ = [
     "Prepared",
     "PreparedSource",
     "compute_stats",
+    "compute_stats_all",
     "normalize_rows",
     "prepare",
     "scale_factors",
@@ -123,6 +125,41 @@ class DatasetStats:
         return float(np.mean(1.0 / lib)) if lib.size else float("nan")
 
 
+class _StatsAccumulator:
+    """The sums of :func:`compute_stats` for one dataset, fed block by block (in any blocking)."""
+
+    def __init__(self, source: Source):
+        n, m = source.n_cells, source.n_genes
+        if n == 0:
+            msg = f"{source.name}: expected at least one cell, found an empty dataset (0 cells)"
+            raise InputError(msg)
+        self.source = source
+        self.lib_size = np.zeros(n)
+        self.gene_sum, self.gene_sumsq = np.zeros(m), np.zeros(m)
+        self.gene_nnz = np.zeros(m, dtype=np.int64)
+
+    def add(self, start: int, stop: int, block: sp.csr_matrix) -> None:
+        check_values(block.data, self.source.name)
+        m = self.gene_sum.size
+        lib, inv = _row_scale(block)
+        self.lib_size[start:stop] = lib
+        values = block.data * inv
+        self.gene_sum += _sum_by(block.indices, values, m)
+        self.gene_sumsq += _sum_by(block.indices, values * values, m)
+        self.gene_nnz += np.bincount(block.indices[block.data != 0], minlength=m)
+
+    def result(self) -> DatasetStats:
+        source, n = self.source, self.lib_size.size
+        n_empty = int(np.count_nonzero(self.lib_size == 0))
+        if n_empty:
+            logger.info("%s: %d of %d cells have no counts; they stay zero", source.name, n_empty, n)
+        return DatasetStats(
+            name=source.name, n_cells=n, var_names=np.asarray(source.var_names).astype(str),
+            lib_size=self.lib_size, gene_sum=self.gene_sum, gene_sumsq=self.gene_sumsq, gene_nnz=self.gene_nnz,
+            n_empty_cells=n_empty,
+        )
+
+
 def compute_stats(source: Source, *, block_size: int = 20000, progress: Progress = None) -> DatasetStats:
     """Library sizes and per-gene sums of normalised values, in one streaming pass.
 
@@ -139,32 +176,20 @@ def compute_stats(source: Source, *, block_size: int = 20000, progress: Progress
     -------
     DatasetStats
     """
+    return compute_stats_all([source], block_size=block_size, progress=progress)[0]
+
+
+def compute_stats_all(sources: Sequence[Source], *, block_size: int = 20000,
+                      progress: Progress = None) -> list[DatasetStats]:
+    """:func:`compute_stats` of every source; batch splits of one file share one pass over it."""
     _check_block_size(block_size)
-    n, m = source.n_cells, source.n_genes
-    if n == 0:
-        msg = f"{source.name}: expected at least one cell, found an empty dataset (0 cells)"
-        raise InputError(msg)
-    lib_size = np.zeros(n)
-    gene_sum, gene_sumsq = np.zeros(m), np.zeros(m)
-    gene_nnz = np.zeros(m, dtype=np.int64)
-    for start, stop, block in source.iter_blocks(block_size):
-        check_values(block.data, source.name)
-        lib, inv = _row_scale(block)
-        lib_size[start:stop] = lib
-        values = block.data * inv
-        gene_sum += _sum_by(block.indices, values, m)
-        gene_sumsq += _sum_by(block.indices, values * values, m)
-        gene_nnz += np.bincount(block.indices[block.data != 0], minlength=m)
-        if progress is not None:
-            progress(stop - start)
-    n_empty = int(np.count_nonzero(lib_size == 0))
-    if n_empty:
-        logger.info("%s: %d of %d cells have no counts; they stay zero", source.name, n_empty, n)
-    return DatasetStats(
-        name=source.name, n_cells=n, var_names=np.asarray(source.var_names).astype(str),
-        lib_size=lib_size, gene_sum=gene_sum, gene_sumsq=gene_sumsq, gene_nnz=gene_nnz,
-        n_empty_cells=n_empty,
-    )
+    accumulators = [_StatsAccumulator(src) for src in sources]
+    for group in split_groups(sources):
+        for i, start, stop, block in iter_split_blocks([sources[g] for g in group], block_size):
+            accumulators[group[i]].add(start, stop, block)
+            if progress is not None:
+                progress(stop - start)
+    return [acc.result() for acc in accumulators]
 
 
 def _gene_test(stats: DatasetStats, thresh: float, alpha: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -367,7 +392,7 @@ class Prepared:
 def prepare(sources: Sequence[Source], *, genes=None, thresh: float = 0.1, alpha: float = 0.99,
             n_genes: int | None = None, combine: str = "union", block_size: int = 20000,
             cache: str | None = None, tmpdir=None, progress: Progress = None) -> Prepared:
-    """Statistics (one pass per dataset), gene selection and scaling, as rliger does it.
+    """Statistics (one pass per dataset, or per file for batch splits), gene selection and scaling, as rliger does.
 
     Parameters
     ----------
@@ -409,7 +434,7 @@ def prepare(sources: Sequence[Source], *, genes=None, thresh: float = 0.1, alpha
             raise InputError(msg)
         for src in sources:  # fail before the streaming pass
             _gene_positions(src.var_names, genes, src.name)
-    stats = [compute_stats(src, block_size=block_size, progress=progress) for src in sources]
+    stats = compute_stats_all(sources, block_size=block_size, progress=progress)
     if genes is None:
         genes = select_genes(stats, thresh=thresh, alpha=alpha, n_genes=n_genes, combine=combine)
     scales = {st.name: scale_factors(st, genes) for st in stats}

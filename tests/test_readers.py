@@ -17,10 +17,12 @@ from onlinemf.readers import (
     batch_rows,
     describe,
     guess_batch_key,
+    iter_split_blocks,
     open_source,
     open_sources,
     read_obs,
     shared_genes,
+    split_groups,
 )
 from onlinemf.readers import _csc, _rows
 from onlinemf.readers._h5 import make_unique
@@ -167,6 +169,32 @@ def test_batch_key_split_shares_one_csc_conversion(tmp_path, rng):
     assert sources[2].read_block(0, 2).shape == (2, N_GENES)  # still usable while one user is left
     sources[2].close()
     assert not (tmp_path / folder).exists()
+
+
+@pytest.mark.parametrize("encoding", ["csr", "csc", "dense"])
+def test_batch_splits_are_read_in_one_pass_over_the_file(tmp_path, rng, encoding):
+    X = counts(rng)
+    adata = make_adata({"csr": X, "csc": X.tocsc(), "dense": X.toarray()}[encoding])
+    paths = [tmp_path / "d.h5ad", tmp_path / "e.h5ad"]
+    adata.write_h5ad(paths[0])
+    adata.write_h5ad(paths[1])
+    sources = open_sources(paths, batch_key="batch", tmp_dir=tmp_path) + [MemorySource(X)]
+    # The splits of each file form one group; a source of another kind stays alone.
+    assert split_groups(sources) == [[0, 1, 2], [3, 4, 5], [6]]
+    for group in split_groups(sources)[:2]:
+        members = [sources[g] for g in group]
+        seen = {i: [] for i in range(len(members))}
+        for i, start, stop, block in iter_split_blocks(members, 7):
+            assert start == sum(b.shape[0] for b in seen[i])  # each source's rows in order
+            seen[i].append(block)
+        for i, source in enumerate(members):
+            assert_block_equals(sp.vstack(seen[i], format="csr"), X[source.rows])
+    # Overlapping row sets are never merged.
+    a = H5adSource(paths[0], rows=np.arange(0, 10), name="a")
+    b = H5adSource(paths[0], rows=np.arange(5, 15), name="b")
+    assert split_groups([a, b]) == [[0], [1]]
+    for s in [*sources, a, b]:
+        s.close()
 
 
 def test_several_files_are_several_datasets_with_unique_names(tmp_path, rng):

@@ -1,7 +1,7 @@
 """Readers: stream cells x genes row blocks from .h5ad, 10x .h5 and in-memory data."""
 
 from ._base import MemorySource, Source, check_values
-from ._h5ad import H5adSource
+from ._h5ad import H5adSource, iter_split_blocks, split_groups
 from ._open import (
     BATCH_KEY_CANDIDATES,
     as_source,
@@ -28,8 +28,10 @@ __all__ = [
     "describe",
     "file_format",
     "guess_batch_key",
+    "iter_split_blocks",
     "open_source",
     "open_sources",
     "read_obs",
     "shared_genes",
+    "split_groups",
 ]

@@ -204,3 +204,66 @@ class H5adSource(Source):
         if getattr(self, "_h5", None) is not None:
             self._h5.close()
             self._h5 = None
+
+
+# ----------------------------------------------------------------------------- batch splits, one pass
+def _split_key(source) -> tuple | None:
+    """The file matrix a batch split reads, or None when ``source`` is not a split of an open ``.h5ad``."""
+    if isinstance(source, H5adSource) and source.rows is not None and source._h5 is not None:
+        return (str(source.path.resolve()), source.element)
+    return None
+
+
+def split_groups(sources) -> list[list[int]]:
+    """Positions of ``sources`` grouped so that each group can be read in one pass over its file.
+
+    Splits of one ``.h5ad`` matrix (``rows=``, disjoint, as ``open_sources(batch_key=...)`` makes them)
+    form one group; every other source is a group of its own. Groups are in order of first position.
+    """
+    groups: dict = {}
+    for i, source in enumerate(sources):
+        key = _split_key(source)
+        groups.setdefault(("single", i) if key is None else key, []).append(i)
+    out = []
+    for members in groups.values():
+        rows = [sources[i].rows for i in members] if len(members) > 1 else []
+        if rows and np.unique(np.concatenate(rows)).size != sum(len(r) for r in rows):
+            out.extend([i] for i in members)  # overlapping splits: read each on its own
+        else:
+            out.append(members)
+    return sorted(out, key=lambda g: g[0])
+
+
+def iter_split_blocks(sources, block_size: int):
+    """One pass over the file rows of several splits of one matrix (a group of :func:`split_groups`).
+
+    With batches interleaved in the file, one pass per split would decode the whole file once per
+    batch (8 interleaved batches of 100k cells: 3.7x the time of one pass). Yields ``(i, start, stop,
+    block)``: rows ``start:stop`` of ``sources[i]`` as canonical checked CSR float32; every source's
+    rows come in order, each exactly once.
+    """
+    if len(sources) == 1:
+        for start, stop, block in sources[0].iter_blocks(block_size):
+            yield 0, start, stop, block
+        return
+    union = np.concatenate([s.rows for s in sources])
+    owner = np.repeat(np.arange(len(sources)), [len(s.rows) for s in sources])
+    order = np.argsort(union, kind="stable")
+    union, owner = union[order], owner[order]
+    first = sources[0]
+    done = np.zeros(len(sources), dtype=np.int64)
+    for lo in range(0, union.size, block_size):
+        hi = min(lo + block_size, union.size)
+        try:
+            block = read_rows(first._reader, union, lo, hi)
+        except OSError as exc:
+            msg = f"{first._label}: could not read cells {union[lo]}:{union[hi - 1] + 1} (damaged or truncated file?): {exc}"
+            raise InputError(msg) from None
+        block.sum_duplicates()
+        check_values(block.data, first._label)
+        own = owner[lo:hi]
+        for i in np.unique(own):
+            picked = np.flatnonzero(own == i)
+            start = int(done[i])
+            done[i] += picked.size
+            yield int(i), start, int(done[i]), block[picked]
