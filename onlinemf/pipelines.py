@@ -18,11 +18,11 @@ from threadpoolctl import threadpool_limits
 
 from ._errors import InputError
 from ._files import atomic_output, check_output_path, remove_stale_temporaries
+from ._prepared import build_caches
 from ._progress import NullProgress
 from ._results import ResultsTable, write_results
 from .engine import OnlineINMF
 from .model_io import Checkpoint, load_model, save_model
-from ._prepared import build_caches
 from .preprocess import prepare
 from .readers import H5adSource, open_sources
 

@@ -22,7 +22,14 @@ import scipy.sparse as sp
 from scipy.special import ndtri
 
 from ._errors import InputError
-from ._prepared import PreparedSource, Progress, _check_block_size, _row_scale, _sum_by, check_cache_mode
+from ._prepared import (
+    PreparedSource,
+    Progress,
+    _check_block_size,
+    _row_scale,
+    _sum_by,
+    check_cache_mode,
+)
 from .readers._base import Source, check_values
 from .readers._h5ad import iter_split_blocks, split_groups
 
