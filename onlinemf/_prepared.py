@@ -20,7 +20,7 @@ import scipy.sparse as sp
 
 from ._errors import InputError
 from ._rowrange import CsrRowRange
-from .readers._base import Source, _check_range, csr_ranges, csr_rows
+from ._source import Source, _check_range, csr_ranges, csr_rows
 from .readers._h5ad import iter_split_blocks, split_groups
 
 logger = logging.getLogger("onlinemf.preprocess")

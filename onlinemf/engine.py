@@ -19,7 +19,7 @@ from threadpoolctl import threadpool_limits
 from . import _solvers as S
 from ._errors import InputError
 from ._rowrange import CsrRowRange, materialize
-from .readers._base import MemorySource, Source, as_matrix
+from ._source import MemorySource, Source, as_matrix
 from .schedule import MinibatchPlan
 
 logger = logging.getLogger(__name__)

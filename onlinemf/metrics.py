@@ -14,7 +14,7 @@ from scipy import sparse
 from scipy.spatial import cKDTree
 
 from ._errors import InputError
-from .postprocess import check_matrix, check_int, dataset_codes, require_extra
+from ._validation import check_int, check_matrix, dataset_codes, require_extra
 
 logger = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from ._errors import InputError
-from .postprocess import require_extra
+from ._validation import require_extra
 
 logger = logging.getLogger(__name__)
 

@@ -30,7 +30,7 @@ from ._prepared import (
     _sum_by,
     check_cache_mode,
 )
-from .readers._base import Source, check_values
+from ._source import Source, check_values
 from .readers._h5ad import iter_split_blocks, split_groups
 
 logger = logging.getLogger(__name__)

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from onlinemf import InputError, metrics, plotting
+from onlinemf._validation import MissingExtraError
 from onlinemf.postprocess import (
-    MissingExtraError,
     cluster_leiden,
     cosine_knn,
     knn_vote,

@@ -1,6 +1,6 @@
 """Readers: stream cells x genes row blocks from .h5ad, 10x .h5 and in-memory data."""
 
-from ._base import MemorySource, Source, check_values
+from .._source import MemorySource, Source, check_values
 from ._h5ad import H5adSource, iter_split_blocks, split_groups
 from ._open import (
     BATCH_KEY_CANDIDATES,

@@ -10,7 +10,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from .._errors import InputError
-from ._base import Source, _check_range, check_values
+from .._source import Source, _check_range, check_values
 from ._csc import ConvertedCsc
 from ._h5 import detect_format, duplicates, open_h5, read_index
 from ._rows import CsrRows, DenseRows, read_rows

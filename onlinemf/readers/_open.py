@@ -13,7 +13,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from .._errors import InputError
-from ._base import MemorySource, Source
+from .._source import MemorySource, Source
 from ._h5 import (
     dataframe_columns,
     detect_format,

@@ -9,7 +9,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from .._errors import InputError
-from ._base import Source, _check_range, check_values
+from .._source import Source, _check_range, check_values
 from ._h5 import detect_format, duplicates, make_unique, open_h5, read_strings, tenx_v2_genomes
 from ._h5ad import check_numeric
 from ._rows import CsrRows, read_rows

@@ -1,4 +1,6 @@
-"""The :class:`Source` contract every reader implements, and the in-memory source.
+"""The :class:`Source` contract that readers implement and the engine and preprocessing consume, and the in-memory source.
+
+It lives at the package root (not in ``readers``) so the engine can depend on the contract without depending on any reader.
 
 A source is one dataset: ``n_cells`` x ``n_genes`` counts, read as contiguous row blocks.
 Readers do I/O only; no normalisation or other math happens here.
@@ -11,8 +13,8 @@ import abc
 import numpy as np
 import scipy.sparse as sp
 
-from .._errors import InputError
-from .._rowrange import CsrRowRange
+from ._errors import InputError
+from ._rowrange import CsrRowRange
 
 
 class Source(abc.ABC):
