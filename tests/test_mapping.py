@@ -1,0 +1,123 @@
+"""Reference mapping: quantile alignment with stored reference quantiles, kNN label transfer, novelty."""
+
+import numpy as np
+import pytest
+
+from onlinemf import InputError
+from onlinemf.mapping import ReferenceQuantiles, align_to_reference, reference_quantiles, transfer_labels
+from onlinemf.postprocess import quantile_norm
+
+
+def _factors(rng, n, K, scale=1.0):
+    """Cells each loading mostly on one factor, as iNMF H does (so clusters have >= 20 cells)."""
+    main = rng.integers(0, K, n)
+    H = rng.gamma(0.3, 0.2, size=(n, K))
+    H[np.arange(n), main] += rng.gamma(4.0, 1.0, n)
+    return H * scale
+
+
+@pytest.fixture(scope="module")
+def three_datasets():
+    rng = np.random.default_rng(3)
+    K = 4
+    parts = [_factors(rng, 300, K), _factors(rng, 200, K, scale=np.array([2.0, 0.5, 1.0, 3.0])), _factors(rng, 150, K, 0.7)]
+    datasets = np.repeat(np.array(["a", "b", "c"]), [300, 200, 150])
+    return np.concatenate(parts), datasets
+
+
+def test_alignment_reproduces_quantile_norm_for_every_dataset(three_datasets):
+    H, datasets = three_datasets
+    H_norm, clusters = quantile_norm(H, datasets, random_state=1)
+    ref = reference_quantiles(H, datasets, random_state=1)
+    assert ref.reference == "a" and ref.values.shape == (4, 4, 51)
+    for name in ("a", "b", "c"):  # the reference itself too
+        m = datasets == name
+        aligned, labels = align_to_reference(H[m], ref)
+        np.testing.assert_array_equal(aligned, H_norm[m])
+        np.testing.assert_array_equal(labels, clusters[m])
+
+
+def test_several_query_datasets_are_aligned_each_on_its_own(three_datasets):
+    H, datasets = three_datasets
+    ref = reference_quantiles(H, datasets, reference="b")
+    m = datasets != "b"
+    together, _ = align_to_reference(H[m], ref, datasets=datasets[m])
+    for name in ("a", "c"):
+        alone, _ = align_to_reference(H[datasets == name], ref)
+        np.testing.assert_array_equal(together[datasets[m] == name], alone)
+
+
+def test_alignment_undoes_a_per_factor_batch_effect(three_datasets):
+    # Max-factor clusters ignore per-factor scales (each factor is RMS-scaled); the kNN refinement, in raw H,
+    # does not, so it is off here.
+    H, datasets = three_datasets
+    ref = reference_quantiles(H, datasets, refine_knn=False)
+    own = H[datasets == "a"]
+    aligned_own, _ = align_to_reference(own, ref)
+    aligned_scaled, _ = align_to_reference(own * np.array([3.0, 0.2, 1.5, 7.0]), ref)
+    np.testing.assert_allclose(aligned_scaled, aligned_own, rtol=1e-9, atol=1e-12)
+
+
+def test_alignment_checks_its_inputs(three_datasets):
+    H, datasets = three_datasets
+    ref = reference_quantiles(H, datasets)
+    with pytest.raises(InputError, match="expected 4 factors"):
+        align_to_reference(H[:, :3], ref)
+    with pytest.raises(InputError, match="reference: expected one of the datasets"):
+        reference_quantiles(H, datasets, reference="zzz")
+    with pytest.raises(InputError, match=r"shape \(K, K, q\+1\)"):
+        ReferenceQuantiles(values=np.zeros((4, 3, 51)), n_cells=np.zeros(4), reference="a")
+
+
+def test_small_clusters_keep_raw_factors():
+    rng = np.random.default_rng(0)
+    H = _factors(rng, 200, 3)
+    ref = reference_quantiles(H, np.zeros(200), min_cells=20)
+    query = _factors(rng, 10, 3) * 5  # every query cluster below min_cells: nothing is mapped
+    aligned, _ = align_to_reference(query, ref)
+    np.testing.assert_array_equal(aligned, query)
+
+
+def test_vote_confidence_and_distance_on_a_constructed_case():
+    # Reference on a line (second coordinate constant): A at 0, 0.1, 0.2; B at 1.0, 1.1, 1.2.
+    x = np.array([0.0, 0.1, 0.2, 1.0, 1.1, 1.2])
+    ref = np.column_stack([x, np.ones(6)])
+    labels = np.array(["A", "A", "A", "B", "B", "B"])
+    query = np.array([[0.3, 1.0], [1.05, 1.0], [0.6, 1.0]])
+    result = transfer_labels(query, ref, labels, n_neighbors=4)
+    assert list(result.labels) == ["A", "B", "A"]  # 0.6 sits between: 2 A and 2 B neighbours, the tie goes to A
+    np.testing.assert_allclose(result.confidence, [0.75, 0.75, 0.5])
+    # Unit: the reference cells' median mean distance to their 4 nearest other reference cells.
+    own = [np.sort(np.abs(x - xi))[1:5].mean() for xi in x]
+    assert result.scale == pytest.approx(np.median(own))
+    np.testing.assert_allclose(result.distance[0], np.mean([0.1, 0.2, 0.3, 0.7]) / np.median(own), rtol=1e-6)
+
+
+def test_novel_cell_type_gets_a_larger_mapping_distance():
+    rng = np.random.default_rng(1)
+    K = 6
+    centres = {"A": np.eye(K)[0] * 3, "B": np.eye(K)[1] * 3, "C": np.eye(K)[2] * 3, "novel": np.eye(K)[3] * 3}
+
+    def cells(name, n):
+        return np.abs(centres[name] + rng.normal(0, 0.3, size=(n, K)))
+
+    ref = np.concatenate([cells("A", 100), cells("B", 100), cells("C", 100)])
+    ref_labels = np.repeat(["A", "B", "C"], 100)
+    query = np.concatenate([cells("A", 30), cells("B", 30), cells("novel", 30)])
+    result = transfer_labels(query, ref, ref_labels, metric="cosine")
+    known, novel = slice(0, 60), slice(60, 90)
+    assert (result.labels[known] == np.repeat(["A", "B"], 30)).all()
+    assert np.median(result.distance[known]) < 1.5
+    assert result.distance[novel].min() > 3 * result.distance[known].max()
+
+
+def test_transfer_labels_checks_its_inputs():
+    ref = np.ones((5, 3))
+    with pytest.raises(InputError, match="expected 3 factors"):
+        transfer_labels(np.ones((2, 2)), ref, list("aabbb"))
+    with pytest.raises(InputError, match="metric"):
+        transfer_labels(np.ones((2, 3)), ref, list("aabbb"), metric="manhattan")
+    with pytest.raises(InputError, match="labels: expected one label per cell"):
+        transfer_labels(np.ones((2, 3)), ref, list("aab"))
+    with pytest.raises(InputError, match="labels: expected a label for every cell"):
+        transfer_labels(np.ones((2, 3)), ref, ["a", None, "b", "b", "a"])
