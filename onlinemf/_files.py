@@ -1,4 +1,7 @@
-"""Output-file safety: outputs are written under a temporary name and renamed, never over an input."""
+"""Output-file safety: outputs are written under a temporary name and renamed, never over an input.
+
+:func:`atomic_output` is the one writer of every output file (results, model files, checkpoints, plots).
+"""
 
 from __future__ import annotations
 
@@ -7,8 +10,10 @@ import glob
 import logging
 import os
 import re
-import tempfile
+import secrets
+import stat
 import threading
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from ._errors import InputError
@@ -27,7 +32,7 @@ def raise_if_interrupted() -> None:
         raise KeyboardInterrupt
 
 
-def check_output_path(path, *, inputs=(), what: str = "output") -> Path:
+def check_output_path(path: str | os.PathLike, *, inputs: Iterable[str | os.PathLike] = (), what: str = "output") -> Path:
     """Validate an output path before any work starts.
 
     Raises InputError when the folder is missing or not writable, when the path is a folder, or when it
@@ -52,7 +57,7 @@ def check_output_path(path, *, inputs=(), what: str = "output") -> Path:
     return path
 
 
-def temporary_prefix(path) -> str:
+def temporary_prefix(path: str | os.PathLike) -> str:
     """Name prefix of the temporaries written beside ``path``.
 
     It carries the writer's process id, so that a later run can tell the temporaries of a killed
@@ -73,7 +78,7 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def remove_stale_temporaries(path) -> list[Path]:
+def remove_stale_temporaries(path: str | os.PathLike) -> list[Path]:
     """Remove temporaries of ``path`` left by processes that no longer run; returns what was removed.
 
     Matches the names :func:`temporary_prefix` makes, also nested ones (a temporary of a temporary).
@@ -93,30 +98,67 @@ def remove_stale_temporaries(path) -> list[Path]:
     return removed
 
 
-@contextlib.contextmanager
-def atomic_output(path):
-    """Yield a temporary path in the same folder; on success rename it to ``path``, on failure remove it.
+def _new_temporary(path: Path) -> tuple[Path, int]:
+    """Create an empty temporary beside ``path``; returns it and the mode the system gave it.
 
-    An existing ``path`` is only replaced by a completely written file.
+    Created like any new file (``open`` with mode 0666, so the umask and a folder's default ACL apply),
+    not with ``mkstemp``'s 0600: the finished output then has the permissions a user expects of new files.
+    """
+    folder = path.resolve().parent
+    for _ in range(100):
+        tmp = folder / f"{temporary_prefix(path)}{secrets.token_hex(4)}.tmp"
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        except FileExistsError:
+            continue
+        try:
+            mode = stat.S_IMODE(os.fstat(fd).st_mode)
+        finally:
+            os.close(fd)
+        return tmp, mode
+    msg = f"{path}: could not create a temporary file in {folder}"
+    raise FileExistsError(msg)
+
+
+@contextlib.contextmanager
+def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; on success rename it to ``path``, on failure remove it.
+
+    The one writer of every output (results, model files, checkpoints, plots): an existing ``path`` is only
+    replaced by a completely written file, nothing is renamed into place after an interrupt, and the
+    output's mode is that of any new file (``0666 & ~umask``), whatever the writer did to the temporary.
     """
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=temporary_prefix(path), suffix=".tmp", dir=path.resolve().parent)
-    os.close(fd)
-    tmp = Path(tmp)
+    tmp, mode = _new_temporary(path)
     try:
         yield tmp
-        publish(tmp, path)
+        publish(tmp, path, mode=mode)
     finally:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
 
 
-def publish(tmp, path) -> None:
-    """Rename the finished temporary ``tmp`` to ``path`` (atomic within one folder)."""
-    # mkstemp creates mode 0600; a finished output gets the permissions of any new file (umask).
-    umask = os.umask(0)
-    os.umask(umask)
+def publish(tmp: str | os.PathLike, path: str | os.PathLike, *, mode: int | None = None) -> None:
+    """Rename the finished temporary ``tmp`` to ``path`` (atomic within one folder) with permissions ``mode``.
+
+    ``mode`` defaults to that of a new file (``0666 & ~umask``). Prefer :func:`atomic_output`.
+    """
+    if mode is None:
+        mode = 0o666 & ~_umask()
+    # A writer may have replaced the temporary by a file of its own making (e.g. mode 0600).
     with contextlib.suppress(OSError):
-        os.chmod(tmp, 0o666 & ~umask)
+        os.chmod(tmp, mode)
     raise_if_interrupted()
     os.replace(tmp, path)
+
+
+def _umask() -> int:
+    # Read without changing it where the system allows (Linux): os.umask can only set it, which races with
+    # files other threads create meanwhile.
+    with contextlib.suppress(OSError, ValueError), open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    umask = os.umask(0o077)
+    os.umask(umask)
+    return umask

@@ -10,7 +10,7 @@ Layout (``format_version`` 1)::
                    A_old (K, K), B_old (K, G)
     /scaling/<i>   (G,) per-gene scale, attr name
 
-Files are written to a temporary file in the destination folder, then ``os.replace``d.
+Files are written by :func:`onlinemf._files.atomic_output` (temporary name beside the target, then renamed).
 Loading checks every dataset's shape from the HDF5 metadata before reading any array.
 """
 
@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,7 +25,7 @@ import h5py
 import numpy as np
 
 from ._errors import InputError, ModelError
-from ._files import publish, temporary_prefix
+from ._files import atomic_output
 
 FORMAT_VERSION = 1
 KIND = "onlinemf.OnlineINMF"
@@ -69,11 +68,7 @@ def _write(path, est, *, scaling=None, info=None, checkpoint_state=None) -> None
     if not hasattr(est, "W_"):
         msg = "estimator: expected a fitted OnlineINMF, found one that is not fitted"
         raise InputError(msg)
-    path = Path(path)
-    folder = path.parent if str(path.parent) else Path(".")
-    fd, tmp = tempfile.mkstemp(prefix=temporary_prefix(path), suffix=".tmp", dir=folder)
-    os.close(fd)
-    try:
+    with atomic_output(path) as tmp:
         with h5py.File(tmp, "w") as f:
             f.attrs["kind"] = KIND
             f.attrs["format_version"] = FORMAT_VERSION
@@ -103,11 +98,6 @@ def _write(path, est, *, scaling=None, info=None, checkpoint_state=None) -> None
             for i, (name, scale) in enumerate((scaling or {}).items()):
                 d = sg.create_dataset(str(i), data=np.asarray(scale, dtype=np.float64))
                 d.attrs["name"] = str(name)
-        publish(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def save_model(path, estimator, *, scaling=None, info=None) -> None:

@@ -1,19 +1,19 @@
 """Figures: embeddings coloured by a categorical label, and the objective trace.
 
-matplotlib is imported lazily with the non-interactive Agg backend; files are written under a
-temporary name in the target folder and renamed, so a failed plot never leaves a half-written file.
+matplotlib is imported lazily with the non-interactive Agg backend; files are written by
+:func:`onlinemf._files.atomic_output` (temporary name, then renamed), so a failed plot never leaves a
+half-written file, and a plot gets the permissions of any new file, like every other output.
 """
 
 from __future__ import annotations
 
 import logging
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from ._errors import InputError
+from ._files import atomic_output
 from ._validation import require_extra
 
 logger = logging.getLogger(__name__)
@@ -34,14 +34,10 @@ def _save(fig, path) -> Path:
         msg = f"path {path}: expected an existing folder, found none at {folder}"
         raise InputError(msg)
     fmt = path.suffix.lstrip(".").lower() or "png"
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
-    os.close(fd)
     try:
-        fig.savefig(tmp, format=fmt, dpi=150, bbox_inches="tight")
-        os.replace(tmp, path)
+        with atomic_output(path) as tmp:
+            fig.savefig(tmp, format=fmt, dpi=150, bbox_inches="tight")
     finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
         _pyplot().close(fig)
     logger.info("wrote %s", path)
     return path
