@@ -1,5 +1,7 @@
 """Row readers: contiguous file-row ranges of one on-disk matrix element, returned as CSR float32.
 
+Compressed (gzip) datasets are decoded on several threads by :func:`._decode.read_range`.
+
 Each reader reads only what a range needs (the indptr window and one data/indices range for
 CSR, a row slice for dense) and exposes ``span_rows``, a row count that keeps one read bounded
 in memory. :func:`read_rows` gathers arbitrary sorted file rows through such bounded spans.
@@ -9,6 +11,8 @@ from __future__ import annotations
 
 import numpy as np
 import scipy.sparse as sp
+
+from ._decode import read_range
 
 # About 4 M stored values (~32-48 MB with indices) per read: bounded, yet large enough that
 # HDF5's per-call overhead does not matter.
@@ -45,10 +49,10 @@ class CsrRows:
         """Rows ``lo:hi`` as CSR float32, shape (hi - lo, n_cols); indices as stored."""
         if hi <= lo:
             return _empty(self.shape[1])
-        ptr = np.asarray(self._indptr[lo : hi + 1], dtype=np.int64)
+        ptr = np.asarray(read_range(self._indptr, lo, hi + 1), dtype=np.int64)
         first, last = int(ptr[0]), int(ptr[-1])
-        data = as_float32(self._data[first:last])
-        indices = np.asarray(self._indices[first:last])
+        data = as_float32(read_range(self._data, first, last))
+        indices = np.asarray(read_range(self._indices, first, last))
         if indices.dtype.kind == "u":  # 10x stores uint32; scipy wants signed indices
             indices = indices.astype(np.int32 if self.shape[1] < 2**31 else np.int64)
         return sp.csr_matrix((data, indices, ptr - first), shape=(hi - lo, self.shape[1]))
@@ -66,7 +70,7 @@ class DenseRows:
     def read(self, lo: int, hi: int) -> sp.csr_matrix:
         if hi <= lo:
             return _empty(self.shape[1])
-        block = as_float32(self._dataset[lo:hi])
+        block = as_float32(read_range(self._dataset, lo, hi))
         return sp.csr_matrix(block)
 
 
