@@ -121,11 +121,13 @@ def child_trace(path: str, extra: list[str]) -> dict:
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
     epochs = int(extra[extra.index("--epochs") + 1]) if "--epochs" in extra else 5
-    opts = pipelines.FitOptions(batch_key="batch", cluster=False, umap=False, epochs=epochs)
+    params, reading = pipelines.ModelParams(epochs=epochs), pipelines.InputOptions(batch_key="batch")
+    outputs = pipelines.OutputOptions(cluster=False, umap=False)
     out, model = WORK / f"trace_{Path(path).stem}.h5ad", WORK / f"trace_{Path(path).stem}_model.h5"
     t = time.perf_counter()
     try:
-        summary = pipelines.fit([path], output=out, model=model, options=opts, progress=factory)
+        summary = pipelines.fit([path], output=out, model=model, params=params, reading=reading, outputs=outputs,
+                                progress=factory)
     finally:
         state["stop"] = True
         sampler.join()

@@ -120,6 +120,12 @@ def _output_options(func):
     return func
 
 
+def _postprocess_seed(func):
+    # fit has one --seed for the model and its post-processing; update and project learn no new seed.
+    return click.option("--seed", default=None, type=int, show_default=False,
+                        help="Seed of quantile normalisation, Leiden and UMAP. Default: the model's seed.")(func)
+
+
 def _resolve_batch_key(inputs, batch_key, quiet):
     """The dataset split the user means, said out loud."""
     if batch_key is not None:
@@ -168,7 +174,7 @@ def _default_output(inputs, suffix):
 @click.option("--lambda", "lam", default=5.0, type=click.FloatRange(min=0), help="Regularisation of the dataset-specific factors.")
 @click.option("--epochs", default=5, type=click.IntRange(min=1), help="Passes over the data.")
 @click.option("--batch-size", default=5000, type=click.IntRange(min=1), help="Cells per mini-batch (all datasets together).")
-@click.option("--seed", default=1, type=int, help="Random seed.")
+@click.option("--seed", default=1, type=int, help="Random seed (initialisation, mini-batch order, quantile normalisation, Leiden, UMAP).")
 @click.option("--n-genes", default=None, type=click.IntRange(min=1), help="Select this many variable genes (instead of --var-thresh).")
 @click.option("--var-thresh", default=0.1, type=float, help="rliger's variance threshold for gene selection.")
 @click.option("--combine", default="union", type=click.Choice(["union", "intersection"]), help="How per-dataset gene sets combine.")
@@ -187,15 +193,17 @@ def fit(inputs, k, lam, epochs, batch_size, seed, n_genes, var_thresh, combine, 
     if resume and checkpoint is None:
         raise InputError("--resume needs --checkpoint PATH (the checkpoint to continue from)")
     key = _resolve_batch_key(inputs, batch_key, quiet)
-    opts = pipelines.FitOptions(
-        k=k, lam=lam, epochs=epochs, batch_size=batch_size, seed=seed, n_genes=n_genes, var_thresh=var_thresh,
-        combine=combine, batch_key=key, layer=layer, use_raw=use_raw, genome=genome, cluster=cluster, umap=umap,
-        resolution=resolution, plots=plots, copy_x=copy_x, threads=threads, checkpoint=checkpoint,
-        checkpoint_every=checkpoint_every, resume=resume,
-    )
     output = output or _default_output(inputs, "_inmf.h5ad")
     model = model or _default_output(inputs, "_model.h5")
-    summary = pipelines.fit(inputs, output=output, model=model, options=opts, progress=_progress(quiet))
+    summary = pipelines.fit(
+        inputs, output=output, model=model,
+        params=pipelines.ModelParams(k=k, lam=lam, epochs=epochs, batch_size=batch_size, seed=seed, threads=threads),
+        reading=pipelines.InputOptions(batch_key=key, layer=layer, use_raw=use_raw, genome=genome),
+        selection=pipelines.GeneSelection(n_genes=n_genes, var_thresh=var_thresh, combine=combine),
+        outputs=pipelines.OutputOptions(cluster=cluster, umap=umap, resolution=resolution, seed=seed, plots=plots,
+                                        copy_x=copy_x),
+        checkpoint=checkpoint, checkpoint_every=checkpoint_every, resume=resume, progress=_progress(quiet),
+    )
     _summary(summary, quiet)
 
 
@@ -207,16 +215,22 @@ def fit(inputs, k, lam, epochs, batch_size, seed, n_genes, var_thresh, combine, 
 @click.option("-o", "--output", type=OUT_FILE, default=None, help="Results .h5ad for the new cells. Default: INPUT_inmf.h5ad in the current folder.")
 @click.option("--model-out", type=OUT_FILE, default=None, help="Updated model. Default: MODEL_updated.h5 in the current folder (MODEL is never overwritten).")
 @_output_options
+@_postprocess_seed
 @_user_errors
-def update(model, inputs, epochs, batch_key, layer, use_raw, genome, threads, quiet, verbose, output, model_out, cluster, umap, resolution, plots, copy_x):
+def update(model, inputs, epochs, batch_key, layer, use_raw, genome, threads, quiet, verbose, output, model_out, cluster, umap, resolution, plots, copy_x, seed):
     """Scenario 2: learn from new datasets with a saved MODEL, without reading the old data."""
     from onlinemf import pipelines
 
     key = _resolve_batch_key(inputs, batch_key, quiet)
-    opts = pipelines.FitOptions(epochs=epochs, batch_key=key, layer=layer, use_raw=use_raw, genome=genome, threads=threads, cluster=cluster, umap=umap, resolution=resolution, plots=plots, copy_x=copy_x)
     output = output or _default_output(inputs, "_inmf.h5ad")
     model_out = model_out or Path.cwd() / (model.stem + "_updated.h5")
-    summary = pipelines.update(model, inputs, output=output, model_out=model_out, options=opts, progress=_progress(quiet))
+    summary = pipelines.update(
+        model, inputs, output=output, model_out=model_out, epochs=epochs, threads=threads,
+        reading=pipelines.InputOptions(batch_key=key, layer=layer, use_raw=use_raw, genome=genome),
+        outputs=pipelines.OutputOptions(cluster=cluster, umap=umap, resolution=resolution, seed=seed, plots=plots,
+                                        copy_x=copy_x),
+        progress=_progress(quiet),
+    )
     _summary(summary, quiet)
 
 
@@ -226,15 +240,21 @@ def update(model, inputs, epochs, batch_key, layer, use_raw, genome, threads, qu
 @_input_options
 @click.option("-o", "--output", type=OUT_FILE, default=None, help="Results .h5ad. Default: INPUT_projected.h5ad in the current folder.")
 @_output_options
+@_postprocess_seed
 @_user_errors
-def project(model, inputs, batch_key, layer, use_raw, genome, threads, quiet, verbose, output, cluster, umap, resolution, plots, copy_x):
+def project(model, inputs, batch_key, layer, use_raw, genome, threads, quiet, verbose, output, cluster, umap, resolution, plots, copy_x, seed):
     """Scenario 3: project new cells onto a saved MODEL's shared factors (the model is unchanged)."""
     from onlinemf import pipelines
 
     key = _resolve_batch_key(inputs, batch_key, quiet)
-    opts = pipelines.FitOptions(batch_key=key, layer=layer, use_raw=use_raw, genome=genome, threads=threads, cluster=cluster, umap=umap, resolution=resolution, plots=plots, copy_x=copy_x)
     output = output or _default_output(inputs, "_projected.h5ad")
-    summary = pipelines.project(model, inputs, output=output, options=opts, progress=_progress(quiet))
+    summary = pipelines.project(
+        model, inputs, output=output, threads=threads,
+        reading=pipelines.InputOptions(batch_key=key, layer=layer, use_raw=use_raw, genome=genome),
+        outputs=pipelines.OutputOptions(cluster=cluster, umap=umap, resolution=resolution, seed=seed, plots=plots,
+                                        copy_x=copy_x),
+        progress=_progress(quiet),
+    )
     _summary(summary, quiet)
 
 

@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import time
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from threadpoolctl import threadpool_limits
@@ -32,33 +35,103 @@ logger = logging.getLogger(__name__)
 BLOCK_SIZE = 20000
 
 
-@dataclass
-class FitOptions:
-    """Options of ``onlinemf fit`` (defaults reproduce rliger's online iNMF)."""
+@dataclass(frozen=True)
+class ModelParams:
+    """Parameters of the model that :func:`fit` learns (defaults reproduce rliger's online iNMF).
+
+    Attributes
+    ----------
+    k : int
+        Number of factors K.
+    lam : float
+        Regularisation of the dataset-specific factors V_i (lambda).
+    epochs : int
+        Passes over the data.
+    batch_size : int
+        Cells per mini-batch, all datasets together.
+    seed : int
+        Seed of the initialisation and the mini-batch order (also post-processing's, unless
+        ``OutputOptions.seed`` is set).
+    threads : int
+        BLAS threads.
+    """
 
     k: int = 20
     lam: float = 5.0
     epochs: int = 5
     batch_size: int = 5000
     seed: int = 1
-    n_genes: int | None = None
-    var_thresh: float = 0.1
-    alpha: float = 0.99
-    combine: str = "union"
+    threads: int = 1
+
+
+@dataclass(frozen=True)
+class InputOptions:
+    """How the input files are read and split into datasets (every scenario).
+
+    Attributes
+    ----------
+    batch_key : str or None
+        obs column naming each cell's dataset (one ``.h5ad`` input); None: each file is one dataset.
+    layer : str or None
+        Read counts from ``layers[layer]`` instead of ``X``.
+    use_raw : bool
+        Read counts from ``raw/X``.
+    genome : str or None
+        Genome to read from a multi-genome 10x ``.h5``.
+    """
+
     batch_key: str | None = None
     layer: str | None = None
     use_raw: bool = False
     genome: str | None = None
+
+
+@dataclass(frozen=True)
+class GeneSelection:
+    """How :func:`fit` selects genes (``update`` and ``project`` use the model's genes).
+
+    Attributes
+    ----------
+    n_genes : int or None
+        Select this many variable genes; None: rliger's variance threshold ``var_thresh``.
+    var_thresh, alpha : float
+        rliger's ``selectGenes`` threshold and significance.
+    combine : {"union", "intersection"}
+        How the per-dataset gene sets combine.
+    """
+
+    n_genes: int | None = None
+    var_thresh: float = 0.1
+    alpha: float = 0.99
+    combine: str = "union"
+
+
+@dataclass(frozen=True)
+class OutputOptions:
+    """Post-processing of H and the optional outputs (every scenario).
+
+    Attributes
+    ----------
+    cluster : bool
+        Leiden clustering of the quantile-normalised H (``cluster`` extra).
+    umap : bool
+        UMAP of the quantile-normalised H (``umap`` extra).
+    resolution : float
+        Leiden resolution.
+    seed : int or None
+        Seed of quantile normalisation, Leiden and UMAP; None: the model's seed.
+    plots : path or None
+        Folder for PNG plots (UMAP by dataset and by cluster, objective per epoch).
+    copy_x : bool
+        Copy the input counts into the results file (single ``.h5ad`` input).
+    """
+
     cluster: bool = True
     umap: bool = True
     resolution: float = 1.0
+    seed: int | None = None
     plots: Path | None = None
     copy_x: bool = False
-    threads: int = 1
-    cache: str | None = "auto"
-    checkpoint: Path | None = None
-    checkpoint_every: int = 20
-    resume: bool = False
 
 
 @dataclass
@@ -75,6 +148,10 @@ class RunSummary:
     timings: dict[str, float] = field(default_factory=dict)
 
 
+Progress = Callable[..., Any]  # a factory of progress bars: progress(total=, desc=, unit=) -> context manager
+PathLike = str | os.PathLike
+
+
 def _cache_mode(option: str | None, n_cells: int) -> str | None:
     # Epochs re-read the data: keep the prepared matrix in memory when it is small, on disk otherwise.
     if option != "auto":
@@ -82,28 +159,28 @@ def _cache_mode(option: str | None, n_cells: int) -> str | None:
     return "memory" if n_cells <= 200_000 else "disk"
 
 
-def _open(inputs, opts):
-    return open_sources(
-        [str(p) for p in inputs], batch_key=opts.batch_key, layer=opts.layer, use_raw=opts.use_raw, genome=opts.genome
-    )
+def _open(inputs: list[Path], reading: InputOptions) -> list:
+    return open_sources([str(p) for p in inputs], batch_key=reading.batch_key, layer=reading.layer,
+                        use_raw=reading.use_raw, genome=reading.genome)
 
 
 @contextlib.contextmanager
-def _prepared_inputs(inputs, opts: FitOptions, progress, *, genes=None, cache=None, check=None, **select):
+def _prepared_inputs(inputs, reading: InputOptions, outputs: OutputOptions, progress, *, k=None, genes=None,
+                     cache=None, check=None, **select):
     """Open the inputs, run ``check(sources)``, prepare them (one streamed pass, then the cache pass) and
     yield ``(sources, prepared)``; every file and cache is closed on the way out, on errors too."""
-    sources = _open(inputs, opts)
+    sources = _open(inputs, reading)
     prepared = None
     try:
-        _check_copy_x(opts, inputs, sources)
+        _check_copy_x(outputs, inputs, sources)
         if check is not None:
             check(sources)
         n_total = sum(s.n_cells for s in sources)
         with progress(total=n_total, desc="preprocess", unit="cells") as bar:
             prepared = prepare(sources, genes=genes, block_size=BLOCK_SIZE, progress=bar.update,
                                cache=_cache_mode(cache, n_total), **select)
-        if opts.k is not None and genes is None and opts.k > len(prepared.genes):
-            msg = (f"--k {opts.k}: expected at most the number of genes used ({len(prepared.genes)}); "
+        if k is not None and genes is None and k > len(prepared.genes):
+            msg = (f"--k {k}: expected at most the number of genes used ({len(prepared.genes)}); "
                    "lower --k or select more genes (--n-genes, --var-thresh)")
             raise InputError(msg)
         _build_caches(prepared, progress)
@@ -113,83 +190,159 @@ def _prepared_inputs(inputs, opts: FitOptions, progress, *, genes=None, cache=No
             s.close()
 
 
-def _finish(scenario, est, inputs, sources, prepared, opts, progress, *, output, model, model_kwargs, timings,
-            project=False) -> RunSummary:
+def _finish(scenario, est, inputs, sources, prepared, reading: InputOptions, outputs: OutputOptions, progress, *,
+            output, model, model_kwargs, timings, params: dict, project=False) -> RunSummary:
     """Final H (with the objective), then model and results: the model is renamed into place only after the
     results are written, so a run leaves all its outputs or none."""
     H, objective, timings["final_h_s"] = _final_h(est, prepared.sources, progress, project=project)
     summary = RunSummary(scenario, sum(s.n_cells for s in sources), {s.name: s.n_cells for s in sources},
                          len(prepared.genes), 0.0, objective, timings=timings)
+    outputs = _with_seed(outputs, est)
     with _pending(model) as model_tmp:
         if model is not None:
             save_model(model_tmp, est, **model_kwargs)
             summary.outputs.append(str(model))
-        if output is not None or opts.plots is not None:
-            table = ResultsTable.from_sources(inputs, sources, opts.batch_key)
-            _postprocess_and_write(table, H, est, prepared.genes, opts, output, summary, progress,
-                                   params=_params(opts, est))
+        if output is not None or outputs.plots is not None:
+            table = ResultsTable.from_sources(inputs, sources, reading.batch_key)
+            _postprocess_and_write(table, H, est, prepared.genes, outputs, output, summary,
+                                   params={**params, **_option_params(outputs)})
     return summary
 
 
-def fit(inputs, *, output=None, model=None, options: FitOptions | None = None, progress=NullProgress) -> RunSummary:
+def fit(
+    inputs: Sequence[PathLike],
+    *,
+    output: PathLike | None = None,
+    model: PathLike | None = None,
+    params: ModelParams | None = None,
+    reading: InputOptions | None = None,
+    selection: GeneSelection | None = None,
+    outputs: OutputOptions | None = None,
+    checkpoint: PathLike | None = None,
+    checkpoint_every: int = 20,
+    resume: bool = False,
+    cache: str | None = "auto",
+    progress: Progress = NullProgress,
+) -> RunSummary:
     """Scenario 1: learn W, V_i from fixed datasets streamed from disk; write results and model.
 
     Parameters
     ----------
-    inputs : list of path
+    inputs : sequence of path
         ``.h5ad`` or 10x ``.h5`` files; several files are several datasets, one ``.h5ad`` with
-        ``options.batch_key`` is one dataset per category.
+        ``reading.batch_key`` is one dataset per category.
     output : path or None
-        Results ``.h5ad`` (H, normalised H, clusters, UMAP, W, parameters).
+        Results ``.h5ad`` (H, normalised H, clusters, UMAP, W, parameters; see docs/outputs.md).
     model : path or None
         Model ``.h5`` for ``update`` and ``project``.
+    params : ModelParams, optional
+        The model's parameters (K, lambda, epochs, mini-batch size, seed, threads).
+    reading : InputOptions, optional
+        How the inputs are read and split into datasets.
+    selection : GeneSelection, optional
+        How variable genes are selected.
+    outputs : OutputOptions, optional
+        Clustering, UMAP, plots, counts copy; their seed defaults to ``params.seed``.
+    checkpoint : path or None
+        Save the fit state here every ``checkpoint_every`` mini-batches; removed when the fit succeeds.
+    checkpoint_every : int
+    resume : bool
+        Continue from ``checkpoint`` if it exists (same parameters required).
+    cache : {"auto", "memory", "disk"} or None
+        Where the prepared data is kept between epochs; "auto": memory up to 200,000 cells.
+    progress : callable
+        Progress-bar factory, ``progress(total=, desc=, unit=)`` -> context manager with ``update(n)``.
+
+    Returns
+    -------
+    RunSummary
     """
-    opts = options or FitOptions()
+    params = params or ModelParams()
+    reading = reading or InputOptions()
+    selection = selection or GeneSelection()
+    outputs = outputs or OutputOptions()
     inputs = [Path(p) for p in inputs]
-    _check_outputs(inputs, {"output": output, "model output": model, "checkpoint": opts.checkpoint})
-    _check_plots(opts)
-    resume, genes = None, None
-    if opts.resume and opts.checkpoint is not None and Path(opts.checkpoint).exists():
+    _check_outputs(inputs, {"output": output, "model output": model, "checkpoint": checkpoint})
+    _check_plots(outputs)
+    if resume and checkpoint is None:
+        msg = "resume: expected a checkpoint path to continue from, found none (--checkpoint PATH)"
+        raise InputError(msg)
+    resume_from, genes = None, None
+    if resume and Path(checkpoint).exists():
         # A resumed fit keeps the checkpoint's genes, so it continues exactly the same problem.
-        resume = Path(opts.checkpoint)
-        genes = _checkpoint_genes(resume, opts)
-    elif opts.resume:
-        logger.info("no checkpoint at %s yet: starting from the beginning", opts.checkpoint)
+        resume_from = Path(checkpoint)
+        genes = _checkpoint_genes(resume_from, params)
+    elif resume:
+        logger.info("no checkpoint at %s yet: starting from the beginning", checkpoint)
     t0 = time.perf_counter()
-    timings = {}
-    with threadpool_limits(limits=opts.threads):
-        select = {"thresh": opts.var_thresh, "alpha": opts.alpha, "n_genes": opts.n_genes, "combine": opts.combine}
-        with _prepared_inputs(inputs, opts, progress, genes=genes, cache=opts.cache,
-                              check=lambda sources: _check_cells_for_k(sources, opts.k), **select) as (sources, prepared):
+    timings: dict[str, float] = {}
+    with threadpool_limits(limits=params.threads):
+        select = {"thresh": selection.var_thresh, "alpha": selection.alpha, "n_genes": selection.n_genes,
+                  "combine": selection.combine}
+        with _prepared_inputs(inputs, reading, outputs, progress, k=params.k, genes=genes, cache=cache,
+                              check=lambda sources: _check_cells_for_k(sources, params.k), **select) as (sources, prepared):
             timings["preprocess_s"] = time.perf_counter() - t0
-            est = OnlineINMF(n_components=opts.k, lam=opts.lam, batch_size=opts.batch_size, max_epochs=opts.epochs,
-                             random_state=opts.seed, n_threads=opts.threads)
-            checkpoint = Checkpoint(opts.checkpoint, every=opts.checkpoint_every) if opts.checkpoint else None
+            est = OnlineINMF(n_components=params.k, lam=params.lam, batch_size=params.batch_size,
+                             max_epochs=params.epochs, random_state=params.seed, n_threads=params.threads)
+            saver = Checkpoint(checkpoint, every=checkpoint_every) if checkpoint is not None else None
             t = time.perf_counter()
             with progress(total=None, desc="factorize", unit="batch") as bar:
-                est.fit(prepared.sources, progress=_step_progress(bar), checkpoint=checkpoint, resume=resume)
+                est.fit(prepared.sources, progress=_step_progress(bar), checkpoint=saver, resume=resume_from)
             timings["factorize_s"] = time.perf_counter() - t
-            summary = _finish("fit", est, inputs, sources, prepared, opts, progress, output=output, model=model,
-                              model_kwargs={"scaling": prepared.scales, "info": _model_info(opts, inputs)},
-                              timings=timings)
-    if opts.checkpoint and Path(opts.checkpoint).exists():
+            summary = _finish("fit", est, inputs, sources, prepared, reading, outputs, progress, output=output,
+                              model=model, timings=timings,
+                              model_kwargs={"scaling": prepared.scales, "info": _model_info(selection, reading, inputs)},
+                              params={**_estimator_params(est), **_option_params(params, reading, selection)})
+    if checkpoint is not None and Path(checkpoint).exists():
         # A finished run needs no checkpoint: the model file holds the result.
-        Path(opts.checkpoint).unlink()
+        Path(checkpoint).unlink()
     summary.seconds = time.perf_counter() - t0
     return summary
 
 
-def update(model, inputs, *, output=None, model_out=None, options: FitOptions | None = None, progress=NullProgress) -> RunSummary:
+def update(
+    model: PathLike,
+    inputs: Sequence[PathLike],
+    *,
+    output: PathLike | None = None,
+    model_out: PathLike | None = None,
+    epochs: int | None = None,
+    threads: int = 1,
+    reading: InputOptions | None = None,
+    outputs: OutputOptions | None = None,
+    cache: str | None = "auto",
+    progress: Progress = NullProgress,
+) -> RunSummary:
     """Scenario 2: learn from new datasets with a saved model, without reading the old data.
 
     W keeps learning; the saved datasets' V, A, B are frozen but still shape W. New datasets are normalised and
     scaled on the model's genes. H is computed for the new cells only (the old data may be gone).
+
+    Parameters
+    ----------
+    model : path
+        Model file written by :func:`fit` or :func:`update` (never overwritten).
+    inputs : sequence of path
+        New datasets, as for :func:`fit`; their names must differ from the model's datasets.
+    output, model_out : path or None
+        Results ``.h5ad`` of the new cells; the updated model.
+    epochs : int or None
+        Passes over the new data; None: the model's ``max_epochs``.
+    threads : int
+        BLAS threads.
+    reading, outputs, cache, progress
+        As for :func:`fit`; the seed of ``outputs`` defaults to the model's.
+
+    Returns
+    -------
+    RunSummary
     """
-    opts = options or FitOptions()
+    reading = reading or InputOptions()
+    outputs = outputs or OutputOptions()
     inputs = [Path(p) for p in inputs]
     model = Path(model)
     _check_outputs([*inputs, model], {"output": output, "model output": model_out})
-    _check_plots(opts)
+    _check_plots(outputs)
     t0 = time.perf_counter()
     saved = load_model(model)
     est = saved.estimator
@@ -200,43 +353,73 @@ def update(model, inputs, *, output=None, model_out=None, options: FitOptions | 
             msg = f"{inputs[0]}: dataset name(s) {clash} already exist in model {model}; rename the files or categories"
             raise InputError(msg)
 
-    timings = {}
-    with threadpool_limits(limits=opts.threads), _prepared_inputs(
-        inputs, opts, progress, genes=np.asarray(est.var_names_in_), cache=opts.cache, check=check
+    timings: dict[str, float] = {}
+    with threadpool_limits(limits=threads), _prepared_inputs(
+        inputs, reading, outputs, progress, genes=np.asarray(est.var_names_in_), cache=cache, check=check
     ) as (sources, prepared):
-        if opts.epochs is not None:
-            est.set_params(max_epochs=opts.epochs)
+        if epochs is not None:
+            est.set_params(max_epochs=epochs)
         t = time.perf_counter()
         with progress(total=None, desc="update", unit="batch") as bar:
             est.update(prepared.sources, progress=_step_progress(bar))
         timings["factorize_s"] = time.perf_counter() - t
-        summary = _finish("update", est, inputs, sources, prepared, opts, progress, output=output, model=model_out,
+        summary = _finish("update", est, inputs, sources, prepared, reading, outputs, progress, output=output,
+                          model=model_out, timings=timings,
                           model_kwargs={"scaling": {**(saved.scaling or {}), **prepared.scales}, "info": saved.info},
-                          timings=timings)
+                          params={**_estimator_params(est), "threads": threads, **_option_params(reading)})
     summary.seconds = time.perf_counter() - t0
     return summary
 
 
-def project(model, inputs, *, output=None, options: FitOptions | None = None, progress=NullProgress) -> RunSummary:
-    """Scenario 3: H of new cells on the learned W (V = 0); the model is not changed."""
-    opts = options or FitOptions()
+def project(
+    model: PathLike,
+    inputs: Sequence[PathLike],
+    *,
+    output: PathLike | None = None,
+    threads: int = 1,
+    reading: InputOptions | None = None,
+    outputs: OutputOptions | None = None,
+    progress: Progress = NullProgress,
+) -> RunSummary:
+    """Scenario 3: H of new cells on the learned W (V = 0); the model is not changed.
+
+    Parameters
+    ----------
+    model : path
+        Model file written by :func:`fit` or :func:`update`.
+    inputs : sequence of path
+        Cells to project, with every gene of the model.
+    output : path or None
+        Results ``.h5ad``.
+    threads : int
+        BLAS threads.
+    reading, outputs, progress
+        As for :func:`fit`; the seed of ``outputs`` defaults to the model's.
+
+    Returns
+    -------
+    RunSummary
+    """
+    reading = reading or InputOptions()
+    outputs = outputs or OutputOptions()
     inputs = [Path(p) for p in inputs]
     _check_outputs([*inputs, Path(model)], {"output": output})
-    _check_plots(opts)
+    _check_plots(outputs)
     t0 = time.perf_counter()
     est = load_model(model).estimator
-    with threadpool_limits(limits=opts.threads), _prepared_inputs(
-        inputs, opts, progress, genes=np.asarray(est.var_names_in_)
+    with threadpool_limits(limits=threads), _prepared_inputs(
+        inputs, reading, outputs, progress, genes=np.asarray(est.var_names_in_)
     ) as (sources, prepared):
-        summary = _finish("project", est, inputs, sources, prepared, opts, progress, output=output, model=None,
-                          model_kwargs={}, timings={}, project=True)
+        summary = _finish("project", est, inputs, sources, prepared, reading, outputs, progress, output=output,
+                          model=None, model_kwargs={}, timings={}, project=True,
+                          params={**_estimator_params(est), "threads": threads, **_option_params(reading)})
     summary.seconds = time.perf_counter() - t0
     return summary
 
 
-def _check_plots(opts: FitOptions) -> None:
-    if opts.plots is not None and Path(opts.plots).exists() and not Path(opts.plots).is_dir():
-        msg = f"--plots {opts.plots}: expected a folder, found a file"
+def _check_plots(outputs: OutputOptions) -> None:
+    if outputs.plots is not None and Path(outputs.plots).exists() and not Path(outputs.plots).is_dir():
+        msg = f"--plots {outputs.plots}: expected a folder, found a file"
         raise InputError(msg)
 
 
@@ -263,9 +446,9 @@ def _pending(path):
         yield tmp
 
 
-def _check_copy_x(opts: FitOptions, inputs, sources) -> None:
+def _check_copy_x(outputs: OutputOptions, inputs, sources) -> None:
     # Checked before the work, not when writing: a late failure would waste the run.
-    if opts.copy_x and (len(inputs) != 1 or not isinstance(sources[0], H5adSource)):
+    if outputs.copy_x and (len(inputs) != 1 or not isinstance(sources[0], H5adSource)):
         msg = "--copy-x: counts can be copied only from a single .h5ad input; found several inputs or a 10x file"
         raise InputError(msg)
 
@@ -279,11 +462,12 @@ def _check_cells_for_k(sources, k: int) -> None:
             raise InputError(msg)
 
 
-def _checkpoint_genes(path, opts: FitOptions) -> np.ndarray:
-    """The genes of checkpoint ``path``, after checking it was written by a fit with the same options."""
+def _checkpoint_genes(path, params: ModelParams) -> np.ndarray:
+    """The genes of checkpoint ``path``, after checking it was written by a fit with the same parameters."""
     est = load_model(path).estimator
-    wanted = {"n_components": ("--k", opts.k), "lam": ("--lambda", opts.lam), "batch_size": ("--batch-size", opts.batch_size),
-              "max_epochs": ("--epochs", opts.epochs), "random_state": ("--seed", opts.seed)}
+    wanted = {"n_components": ("--k", params.k), "lam": ("--lambda", params.lam),
+              "batch_size": ("--batch-size", params.batch_size), "max_epochs": ("--epochs", params.epochs),
+              "random_state": ("--seed", params.seed)}
     differ = [f"{flag} {getattr(est, name)} (this run: {value})" for name, (flag, value) in wanted.items()
               if getattr(est, name) != value]
     if differ:
@@ -328,33 +512,55 @@ def _final_h(est, prepared_sources, progress, *, project=False):
     return blocks, (None if project else objective), time.perf_counter() - t
 
 
-def align_cluster_embed(H, datasets, opts: FitOptions, timings: dict):
+def _with_seed(outputs: OutputOptions, est) -> OutputOptions:
+    """``outputs`` with its post-processing seed resolved: the model's seed unless one was given."""
+    if outputs.seed is not None:
+        return outputs
+    seed = est.random_state if isinstance(est.random_state, int | np.integer) else None
+    return replace(outputs, seed=seed)
+
+
+def align_cluster_embed(
+    H: np.ndarray, datasets: np.ndarray, outputs: OutputOptions, timings: dict[str, float]
+) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
     """Quantile-normalise H across datasets, then cluster and embed (each optional).
 
-    Returns ``(H_norm, clusters or None, umap or None)``; ``timings`` gets the seconds of each step.
+    Parameters
+    ----------
+    H : ndarray of shape (n_cells, K)
+    datasets : ndarray of shape (n_cells,)
+        Dataset of each cell.
+    outputs : OutputOptions
+        ``cluster``, ``umap``, ``resolution`` and ``seed`` (used by all three steps; None: not reproducible).
+    timings : dict
+        Gets the seconds of each step.
+
+    Returns
+    -------
+    ``(H_norm, clusters or None, umap or None)`` of shapes (n_cells, K), (n_cells,), (n_cells, 2).
     """
     from . import postprocess
 
     t = time.perf_counter()
-    H_norm, _ = postprocess.quantile_norm(H, datasets, random_state=opts.seed)
+    H_norm, _ = postprocess.quantile_norm(H, datasets, random_state=outputs.seed)
     timings["quantile_norm_s"] = time.perf_counter() - t
     clusters = umap = None
-    if opts.cluster:
+    if outputs.cluster:
         t = time.perf_counter()
-        clusters = postprocess.cluster_leiden(H_norm, resolution=opts.resolution, random_state=opts.seed)
+        clusters = postprocess.cluster_leiden(H_norm, resolution=outputs.resolution, random_state=outputs.seed)
         timings["cluster_s"] = time.perf_counter() - t
-    if opts.umap:
+    if outputs.umap:
         t = time.perf_counter()
-        umap = postprocess.run_umap(H_norm, random_state=42)
+        umap = postprocess.run_umap(H_norm, random_state=outputs.seed)
         timings["umap_s"] = time.perf_counter() - t
     return H_norm, clusters, umap
 
 
-def _postprocess_and_write(table, H_blocks, est, genes, opts, output, summary, progress, *, params):
+def _postprocess_and_write(table, H_blocks, est, genes, outputs: OutputOptions, output, summary, *, params):
     H = table.assemble(H_blocks)
     H_blocks.clear()  # the caller's list: drop the per-dataset copies of H (80 MB per million cells at K=20)
     datasets = table.datasets
-    H_norm, clusters, umap = align_cluster_embed(H, datasets, opts, summary.timings)
+    H_norm, clusters, umap = align_cluster_embed(H, datasets, outputs, summary.timings)
     timings = summary.timings
     uns = {
         "params": params,
@@ -380,14 +586,14 @@ def _postprocess_and_write(table, H_blocks, est, genes, opts, output, summary, p
             W=W,
             selected=selected,
             uns=uns,
-            copy_x=opts.copy_x,
+            copy_x=outputs.copy_x,
         )
         summary.outputs.append(str(output))
-    if opts.plots is not None:
-        summary.outputs.extend(_plots(opts.plots, umap, datasets, clusters, uns["objective_per_epoch"]))
+    if outputs.plots is not None:
+        summary.outputs.extend(_plots(outputs.plots, umap, datasets, clusters, uns["objective_per_epoch"]))
 
 
-def _plots(folder, umap, datasets, clusters, objective):
+def _plots(folder, umap, datasets, clusters, objective) -> list[str]:
     from . import plotting
 
     folder = Path(folder)
@@ -405,26 +611,38 @@ def _plots(folder, umap, datasets, clusters, objective):
     return written
 
 
-def _params(opts: FitOptions, est) -> dict:
-    p = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(opts).items()}
-    p = {k: ("" if v is None else v) for k, v in p.items()}
-    p["n_components"] = int(est.W_.shape[0])
-    return p
+def _estimator_params(est) -> dict:
+    """The model's parameters under the names of :class:`ModelParams` (what ``update``/``project`` used)."""
+    seed = est.random_state if isinstance(est.random_state, int | np.integer) else None
+    return {"k": int(est.W_.shape[0]), "n_components": int(est.W_.shape[0]), "lam": float(est.lam),
+            "epochs": int(est.max_epochs), "batch_size": int(est.batch_size), "seed": seed}
 
 
-def _model_info(opts: FitOptions, inputs) -> dict:
+def _option_params(*options) -> dict:
+    """Flat ``uns['inmf']['params']`` entries of option objects (HDF5 stores no None: written as '')."""
+    p: dict = {}
+    for opts in options:
+        values = asdict(opts)
+        if isinstance(opts, OutputOptions):  # its seed is post-processing's, not the model's
+            values["postprocess_seed"] = values.pop("seed")
+        p.update(values)
+    return {k: ("" if v is None else str(v) if isinstance(v, Path) else v) for k, v in p.items()}
+
+
+def _model_info(selection: GeneSelection, reading: InputOptions, inputs) -> dict:
     return {
         "preprocessing": {
             "normalize": "library size, no log (rliger)",
-            "var_thresh": opts.var_thresh,
-            "alpha": opts.alpha,
-            "n_genes": opts.n_genes,
-            "combine": opts.combine,
+            "var_thresh": selection.var_thresh,
+            "alpha": selection.alpha,
+            "n_genes": selection.n_genes,
+            "combine": selection.combine,
             "scale": "per-dataset RMS, no centring",
         },
         "inputs": [str(p) for p in inputs],
-        "batch_key": opts.batch_key,
+        "batch_key": reading.batch_key,
     }
 
 
-__all__ = ["BLOCK_SIZE", "FitOptions", "RunSummary", "fit", "project", "update"]
+__all__ = ["BLOCK_SIZE", "GeneSelection", "InputOptions", "ModelParams", "OutputOptions", "RunSummary", "fit",
+           "project", "update"]

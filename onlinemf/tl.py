@@ -1,6 +1,8 @@
-"""scanpy-style API: AnnData in, results into ``obsm``/``varm``/``obs``/``uns``."""
+"""scanpy-style API: AnnData in, results into ``obsm``/``obs``/``varm``/``var``/``uns``."""
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -8,12 +10,19 @@ import pandas as pd
 from . import _keys
 from ._errors import InputError
 from .engine import OnlineINMF
-from .pipelines import FitOptions, align_cluster_embed
+from .pipelines import OutputOptions, align_cluster_embed
 from .preprocess import prepare
 from .readers import MemorySource
 
+if TYPE_CHECKING:
+    from anndata import AnnData
 
-def _split(adata, batch_key, layer):
+
+def _split(adata: AnnData, batch_key: str | None, layer: str | None) -> tuple[list[MemorySource], list[np.ndarray]]:
+    """One in-memory source per category of ``obs[batch_key]`` (all cells when None), and its rows."""
+    if layer is not None and layer not in adata.layers:
+        msg = f"layer '{layer}' is not in adata.layers; layers: {', '.join(map(str, adata.layers)) or 'none'}"
+        raise InputError(msg)
     X = adata.X if layer is None else adata.layers[layer]
     if X is None:
         msg = "adata.X is empty; pass layer= to read counts from a layer"
@@ -24,6 +33,10 @@ def _split(adata, batch_key, layer):
         msg = f"batch_key '{batch_key}' is not an obs column; columns: {', '.join(map(str, adata.obs.columns))}"
         raise InputError(msg)
     labels = adata.obs[batch_key]
+    missing = int(labels.isna().sum())
+    if missing:
+        msg = f"batch_key '{batch_key}': expected a batch for every cell, found {missing} cells without one"
+        raise InputError(msg)
     cats = labels.cat.categories if isinstance(labels.dtype, pd.CategoricalDtype) else pd.unique(labels.astype(str))
     values = labels.astype(str).to_numpy()
     sources, rows = [], []
@@ -39,8 +52,19 @@ def _split(adata, batch_key, layer):
     return sources, rows
 
 
+def _check_free(adata: AnnData, targets: list[tuple[str, str]]) -> None:
+    """Refuse to replace what ``adata`` already has, unless the caller named the slots (``key_added``)."""
+    taken = [f"{attr}['{key}']" for attr, key in targets
+             if key in (adata.obs.columns if attr == "obs" else adata.var.columns if attr == "var"
+                        else getattr(adata, attr))]
+    if taken:
+        msg = (f"adata already has {', '.join(taken)}; pass key_added='NAME' to write under other names, "
+               f"or key_added='{_keys.UNS}' to replace them")
+        raise InputError(msg)
+
+
 def integrate(
-    adata,
+    adata: AnnData,
     batch_key: str | None = "batch",
     *,
     k: int = 20,
@@ -50,69 +74,131 @@ def integrate(
     n_genes: int | None = None,
     var_thresh: float = 0.1,
     layer: str | None = None,
-    seed: int = 1,
+    seed: int | None = 1,
     cluster: bool = True,
     umap: bool = False,
     resolution: float = 1.0,
-    key_added: str = _keys.UNS,
+    key_added: str | None = None,
     copy: bool = False,
     return_model: bool = False,
-):
+) -> AnnData | OnlineINMF | tuple[AnnData, OnlineINMF] | None:
     """Integrate the batches of ``adata`` with online iNMF (rliger's recipe and defaults).
 
-    Counts in ``adata.X`` (or ``layers[layer]``) are normalised by library size, variable genes selected per
-    batch, scaled without centring, factorised, quantile-normalised, and (optionally) clustered and embedded.
+    Counts in ``adata.X`` (or ``adata.layers[layer]``) are normalised by library size, variable genes are
+    selected per batch, scaled without centring and factorised; H is then quantile-normalised, and
+    optionally clustered (Leiden) and embedded (UMAP). ``adata.X`` is not changed.
 
     Parameters
     ----------
-    adata : AnnData, cells x genes, raw counts.
-    batch_key : obs column naming each cell's dataset; None = one dataset.
-    k, lam, epochs, batch_size, seed : online iNMF parameters (``OnlineINMF``).
-    n_genes, var_thresh : gene selection (top-N or rliger's variance threshold).
+    adata : AnnData
+        Cells x genes, raw counts (non-negative).
+    batch_key : str or None, default "batch"
+        obs column naming each cell's dataset (batch); None factorises all cells as one dataset.
+    k : int, default 20
+        Number of factors K.
+    lam : float, default 5.0
+        Regularisation lambda of the dataset-specific factors V_i.
+    epochs : int, default 5
+        Passes over the data.
+    batch_size : int, default 5000
+        Cells per mini-batch, all datasets together.
+    n_genes : int or None, default None
+        Select this many variable genes; None: rliger's variance threshold ``var_thresh``.
+    var_thresh : float, default 0.1
+        rliger's ``selectGenes`` variance threshold (used when ``n_genes`` is None).
+    layer : str or None, default None
+        Read counts from ``adata.layers[layer]`` instead of ``adata.X``.
+    seed : int or None, default 1
+        Seed of the initialisation, the mini-batch order, quantile normalisation, Leiden and UMAP;
+        None: not reproducible.
+    cluster : bool, default True
+        Leiden clustering of the normalised H (needs the ``cluster`` extra).
+    umap : bool, default False
+        UMAP of the normalised H (needs the ``umap`` extra).
+    resolution : float, default 1.0
+        Leiden resolution.
+    key_added : str or None, default None
+        Name of every slot written (see Returns), ``"inmf"`` when None. With None, nothing ``adata`` already
+        has is replaced: a slot that exists raises InputError. Naming a key writes under it, replacing
+        what is there.
+    copy : bool, default False
+        Work on a copy of ``adata`` and return it, leaving ``adata`` unchanged.
+    return_model : bool, default False
+        Also return the fitted :class:`~onlinemf.OnlineINMF` (its ``W_`` covers the selected genes only).
 
     Returns
     -------
-    None, or the AnnData when ``copy=True``, or the fitted ``OnlineINMF`` when ``return_model=True``.
-    Writes ``obsm['X_inmf']`` (H, cells x K), ``obsm['X_inmf_norm']``, ``obs['inmf_cluster']``,
-    ``obsm['X_umap']`` (when ``umap``), ``varm['W_inmf']`` (genes x K, zeros for genes not selected),
-    ``var['inmf_selected']`` and ``uns[key_added]`` (parameters, objective).
+    ``None``; or the AnnData copy if ``copy``; or the model if ``return_model``; or ``(adata_copy, model)`` if
+    both. The AnnData gets, with ``key = key_added or "inmf"``:
+
+    ``obsm['X_<key>']``
+        H, shape (n_cells, K), float32.
+    ``obsm['X_<key>_norm']``
+        Quantile-normalised H, shape (n_cells, K).
+    ``obs['<key>_cluster']``
+        Leiden clusters, categorical (when ``cluster``).
+    ``obsm['X_<key>_umap']``
+        UMAP of the normalised H, shape (n_cells, 2) (when ``umap``).
+    ``varm['W_<key>']``
+        Shared factors W transposed, shape (n_genes, K), zeros for genes not selected.
+    ``var['<key>_selected']``
+        Whether each gene was selected, bool.
+    ``uns['<key>']``
+        ``params`` (this call's parameters), ``objective`` (final, exact), ``objective_per_epoch``,
+        ``timings`` (seconds per step).
+
+    Raises
+    ------
+    InputError
+        Unknown ``batch_key`` or ``layer``, a single batch, cells without a batch, or (with
+        ``key_added=None``) a slot that already exists.
     """
-    adata = adata.copy() if copy else adata
+    key = _keys.UNS if key_added is None else key_added
+    names = _keys.slots(key)
+    writes = [(attr, name) for attr, name in names.items()
+              if (name != names.obs_cluster or cluster) and (name != names.obsm_umap or umap)]
+    if key_added is None:
+        _check_free(adata, writes)
     sources, rows = _split(adata, batch_key, layer)
-    opts = FitOptions(k=k, lam=lam, epochs=epochs, batch_size=batch_size, seed=seed, n_genes=n_genes, var_thresh=var_thresh, cluster=cluster, umap=umap, resolution=resolution)
+    adata = adata.copy() if copy else adata
     prepared = prepare(sources, thresh=var_thresh, n_genes=n_genes, cache=None)
     est = OnlineINMF(n_components=k, lam=lam, batch_size=batch_size, max_epochs=epochs, random_state=seed)
     est.fit(prepared.sources)
     H = np.zeros((adata.n_obs, k), dtype=np.float32)
+    datasets = np.empty(adata.n_obs, dtype=object)
     objective = 0.0
     for src, idx in zip(prepared.sources, rows, strict=True):
         H_i, obj = est.transform_source(src, dataset=src.name, with_objective=True)
         H[idx] = H_i
-        objective += obj
-    datasets = np.empty(adata.n_obs, dtype=object)
-    for src, idx in zip(prepared.sources, rows, strict=True):
         datasets[idx] = src.name
-    timings: dict = {}
-    H_norm, clusters, embedding = align_cluster_embed(H, datasets, opts, timings)
-    adata.obsm[_keys.OBSM_H] = H
-    adata.obsm[_keys.OBSM_H_NORM] = H_norm.astype(np.float32)
+        objective += obj
+    timings: dict[str, float] = {}
+    H_norm, clusters, embedding = align_cluster_embed(
+        H, datasets, OutputOptions(cluster=cluster, umap=umap, resolution=resolution, seed=seed), timings)
+    adata.obsm[names.obsm_h] = H
+    adata.obsm[names.obsm_h_norm] = H_norm.astype(np.float32)
     if clusters is not None:
-        adata.obs[_keys.OBS_CLUSTER] = pd.Categorical(np.asarray(clusters).astype(str))
+        adata.obs[names.obs_cluster] = pd.Categorical(np.asarray(clusters).astype(str))
     if embedding is not None:
-        adata.obsm[_keys.OBSM_UMAP] = np.asarray(embedding, dtype=np.float32)
+        adata.obsm[names.obsm_umap] = np.asarray(embedding, dtype=np.float32)
     pos = adata.var_names.get_indexer(prepared.genes)
     W = np.zeros((adata.n_vars, k), dtype=np.float32)
     W[pos] = est.W_.T
-    adata.varm[_keys.VARM_W] = W
+    adata.varm[names.varm_w] = W
     selected = np.zeros(adata.n_vars, dtype=bool)
     selected[pos] = True
-    adata.var[_keys.VAR_SELECTED] = selected
-    adata.uns[key_added] = {
-        "params": {"k": k, "lam": lam, "epochs": epochs, "batch_size": batch_size, "seed": seed, "batch_key": batch_key or "", "n_genes_selected": len(prepared.genes)},
+    adata.var[names.var_selected] = selected
+    adata.uns[names.uns] = {
+        "params": {"k": k, "lam": lam, "epochs": epochs, "batch_size": batch_size,
+                   "seed": "" if seed is None else seed, "batch_key": batch_key or "", "layer": layer or "",
+                   "n_genes": n_genes or 0, "var_thresh": var_thresh, "n_genes_selected": len(prepared.genes),
+                   "cluster": cluster, "umap": umap, "resolution": resolution, "key_added": key},
         "objective": float(objective),
         "objective_per_epoch": np.asarray(getattr(est, "objective_", []), dtype=float),
         "timings": timings,
     }
+    if copy and return_model:
+        return adata, est
     if return_model:
         return est
     return adata if copy else None
