@@ -29,6 +29,8 @@ class Source(abc.ABC):
     """
 
     name: str
+    #: True when ``var_names`` are placeholders (a wrapped matrix without gene names): never compared with a model's.
+    placeholder_genes: bool = False
 
     @property
     @abc.abstractmethod
@@ -102,6 +104,7 @@ class MemorySource(Source):
         self._X = X
         self.name = str(name)
         n, m = X.shape
+        self.placeholder_genes = var_names is None
         self._var = np.asarray(var_names if var_names is not None else [f"gene{i}" for i in range(m)], dtype=object).astype(str)
         self._obs = np.asarray(obs_names if obs_names is not None else [f"{self.name}_{i}" for i in range(n)], dtype=object).astype(str)
         if len(self._var) != m or len(self._obs) != n:
@@ -166,6 +169,12 @@ def as_matrix(X, name: str, *, dtype=np.float32, check: bool = True) -> sp.csr_m
         X = sp.csr_matrix(X, dtype=dtype)
     else:
         X = np.asarray(X)
+        if X.dtype == object:  # e.g. a nested list or object array of numbers
+            try:
+                X = X.astype(np.float64)
+            except (TypeError, ValueError):
+                msg = f"{name}: expected numeric values, found dtype object with non-numeric entries"
+                raise InputError(msg) from None
         if X.ndim != 2:
             msg = f"{name}: expected a 2-D cells x genes matrix, found {X.ndim} dimension(s)"
             raise InputError(msg)
@@ -192,4 +201,18 @@ def check_values(values: np.ndarray, name: str) -> None:
         raise InputError(msg)
     if values.min() < 0:
         msg = f"{name}: expected non-negative counts, found a minimum of {values.min():g}"
+        raise InputError(msg)
+
+
+def check_indices(indices: np.ndarray, n: int, name: str, what: str = "gene") -> None:
+    """Raise :class:`InputError` if a stored index of a compressed matrix lies outside ``0:n``.
+
+    Out-of-range indices (a damaged or hand-made file) would make scipy's kernels read and write out of
+    bounds; readers check each block as they read it (a min and a max: cheap next to decompressing it).
+    """
+    if indices.size == 0:
+        return
+    low, high = indices.min(), indices.max()
+    if low < 0 or high >= n:
+        msg = f"{name}: expected {what} indices within 0:{n}, found {low if low < 0 else high} (damaged file?)"
         raise InputError(msg)

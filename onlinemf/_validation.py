@@ -10,7 +10,10 @@ import numpy as np
 
 from ._errors import InputError
 
-__all__ = ["MissingExtraError", "check_factors", "check_int", "check_matrix", "dataset_codes", "require_extra"]
+__all__ = [
+    "MissingExtraError", "check_distinct_names", "check_factors", "check_int", "check_matrix", "dataset_codes",
+    "require_extra",
+]
 
 
 class MissingExtraError(InputError):
@@ -87,3 +90,12 @@ def check_matrix(X, name: str = "X", *, dims: str = "n_dims") -> np.ndarray:
         msg = f"{name}: expected finite values, found {int((~np.isfinite(arr)).sum())} NaN/inf"
         raise InputError(msg)
     return arr
+
+
+def check_distinct_names(names: list[str], what: str = "dataset names", where: str = "sources") -> None:
+    """Raise :class:`InputError` when ``names`` repeat (dataset names, batch categories, ...), naming the repeats."""
+    seen: set[str] = set()
+    repeated = sorted({n for n in names if n in seen or seen.add(n)})
+    if repeated:
+        msg = f"{where}: expected distinct {what}, found {repeated} more than once among {names[:20]}"
+        raise InputError(msg)

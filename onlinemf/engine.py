@@ -1,32 +1,31 @@
 """The :class:`OnlineINMF` estimator: online iNMF (Gao et al. 2021) over streamed Sources.
 
-The loop follows libplanc's ``ONLINEINMF`` (rliger 2's engine): per iteration one mini-batch of
-every dataset being fitted, H by NNLS on the K x K normal equations, the rliger A/B schedule, and
-HALS sweeps of W then each V_i. See ``onlinemf.schedule`` for the plan and ``onlinemf._solvers``
-for the kernels.
+The loop follows libplanc's ``ONLINEINMF`` (rliger 2's engine): per iteration one mini-batch of every dataset
+being fitted, H by NNLS on the K x K normal equations, the rliger A/B schedule, and HALS sweeps of W then each
+V_i. The estimator holds parameters and state only: the step's maths is in :mod:`onlinemf._step` (pure, run by
+an executor from :mod:`onlinemf._executor`), the plan in :mod:`onlinemf.schedule`, the loop in
+:mod:`onlinemf._training`; saving and checkpointing are :mod:`onlinemf.model_io`'s, driven by a callback.
 """
 
 from __future__ import annotations
 
-import logging
 import numbers
 from collections.abc import Callable, Mapping
+from typing import Any
 
 import numpy as np
-import scipy.sparse as sp
-from threadpoolctl import threadpool_limits
 
 from . import _solvers as S
+from . import _step
+from . import _training as T
 from ._errors import InputError
+from ._executor import imap, local_executor
 from ._rowrange import CsrRowRange, materialize
-from ._source import MemorySource, Source, as_matrix
+from ._source import Source, as_matrix
 from .schedule import MinibatchPlan
 
-logger = logging.getLogger(__name__)
 
-
-
-def _is_int(v, lo):
+def _is_int(v: Any, lo: int) -> bool:
     return isinstance(v, numbers.Integral) and not isinstance(v, bool) and v >= lo
 
 
@@ -44,41 +43,15 @@ _CONSTRAINTS = {
                      "None, an int >= 0 or a numpy Generator"),
     "n_threads": (lambda v: v is None or _is_int(v, 1), "None or an int >= 1"),
 }
-
-
-def as_sources(sources) -> list[Source]:
-    """A list of Sources from a list of Sources or a dict name -> matrix (cells x genes)."""
-    if isinstance(sources, Source):
-        sources = [sources]
-    if isinstance(sources, Mapping):
-        sources = [s if isinstance(s, Source) else _unnamed_source(s, str(n)) for n, s in sources.items()]
-    sources = list(sources)
-    if not sources or not all(isinstance(s, Source) for s in sources):
-        msg = f"sources: expected a non-empty list of Source objects or a dict name -> matrix, found {sources!r:.80}"
-        raise InputError(msg)
-    names = [s.name for s in sources]
-    if len(set(names)) != len(names):
-        msg = f"sources: expected distinct dataset names, found {names}"
-        raise InputError(msg)
-    return sources
-
-
-def _unnamed_source(X, name: str) -> MemorySource:
-    source = MemorySource(X, name=name)
-    source._onlinemf_unnamed_genes = True  # placeholder gene names: never compared with the model's
-    return source
-
-
-def gene_names(source: Source):
-    """The source's gene names, or None when they are placeholders of a wrapped matrix."""
-    return None if getattr(source, "_onlinemf_unnamed_genes", False) else source.var_names
+_STATS = ("V", "A", "B", "A_old", "B_old")
 
 
 class OnlineINMF:
     """Online integrative NMF: ``X_i ~ H_i (W + V_i)`` with W shared and V_i per dataset.
 
-    Minimises ``sum_i ||X_i - H_i (W + V_i)||^2 + lam ||H_i V_i||^2`` over non-negative
-    factors, streaming mini-batches as rliger's ``runOnlineINMF``.
+    Minimises ``sum_i ||X_i - H_i (W + V_i)||^2 + lam ||H_i V_i||^2`` over non-negative factors, streaming
+    mini-batches as rliger's ``runOnlineINMF``. A scikit-learn estimator: ``fit(X)`` on one cells x genes matrix
+    fits one dataset; a list of Sources or a dict name -> matrix fits several.
 
     Parameters
     ----------
@@ -98,14 +71,16 @@ class OnlineINMF:
     dtype : {"float32", "float64"}, default="float32"
         Working precision of factors and products (objectives are accumulated in float64).
     random_state : int, Generator or None, default=1
-    n_threads : int or None, default=1
-        BLAS threads inside the loop (None: leave as is).
+    n_threads : int or None, default=None
+        Threads for the mini-batch steps and H passes (None: every core this process may use). The work is
+        split into units that do not depend on the thread count, so any count gives the same model.
 
     Attributes
     ----------
-    W_ : ndarray of shape (K, n_genes)
-    V_, B_, A_old_, B_old_ : dict name -> ndarray of shape (K, n_genes) (A_old_: (K, K))
-    A_ : dict name -> ndarray of shape (K, K)
+    W_, components_ : ndarray of shape (K, n_genes)
+        Shared factors.
+    V_, B_, B_old_ : dict name -> ndarray of shape (K, n_genes)
+    A_, A_old_ : dict name -> ndarray of shape (K, K)
     n_cells_ : dict name -> int
         Cells per dataset in the plan that fitted it (mini-batch rows for ``partial_fit``).
     n_batches_ : dict name -> int
@@ -114,16 +89,17 @@ class OnlineINMF:
     frozen_ : set of str
         Datasets whose V/A/B are no longer updated (old data after :meth:`update`).
     n_steps_ : int
-        Mini-batch iterations run in total.
     n_epochs_ : int
         Epochs completed in the last ``fit``/``update`` plan.
     objective_ : list of float
         Per-epoch objective estimate (mini-batch losses scaled to the full data).
-    var_names_in_ : ndarray of str of shape (n_genes,) or None
+    n_features_in_ : int
+    var_names_in_, feature_names_in_ : ndarray of str of shape (n_genes,) or None
     """
 
-    def __init__(self, n_components=20, *, lam=5.0, batch_size=5000, max_epochs=5, chunk_size=1000,
-                 hals_iter=1, h_sweeps=10, dtype="float32", random_state=1, n_threads=1):
+    def __init__(self, n_components: int = 20, *, lam: float = 5.0, batch_size: int = 5000, max_epochs: int = 5,
+                 chunk_size: int = 1000, hals_iter: int = 1, h_sweeps: int = 10, dtype: str = "float32",
+                 random_state: int | np.random.Generator | None = 1, n_threads: int | None = None):
         self.n_components = n_components
         self.lam = lam
         self.batch_size = batch_size
@@ -135,13 +111,13 @@ class OnlineINMF:
         self.random_state = random_state
         self.n_threads = n_threads
 
-    # ------------------------------------------------------------------ params and state
-    def get_params(self) -> dict:
-        """The constructor parameters as a dict."""
+    # ------------------------------------------------------------------ scikit-learn protocol
+    def get_params(self, deep: bool = True) -> dict:
+        """The constructor parameters (``deep`` is accepted for scikit-learn; there are no sub-estimators)."""
         return {name: getattr(self, name) for name in _CONSTRAINTS}
 
-    def set_params(self, **params) -> OnlineINMF:
-        """Set constructor parameters (validated at the next fit/update); returns self."""
+    def set_params(self, **params: Any) -> OnlineINMF:
+        """Set constructor parameters (validated at the next fit); returns self."""
         unknown = sorted(set(params) - set(_CONSTRAINTS))
         if unknown:
             msg = f"set_params: expected parameters among {sorted(_CONSTRAINTS)}, found {unknown}"
@@ -150,6 +126,37 @@ class OnlineINMF:
             setattr(self, name, value)
         return self
 
+    def __repr__(self) -> str:
+        defaults = OnlineINMF.__init__.__kwdefaults__ | {"n_components": 20}
+        changed = [f"{k}={v!r}" for k, v in self.get_params().items() if not _same(v, defaults[k])]
+        return f"OnlineINMF({', '.join(changed)})"
+
+    def __sklearn_tags__(self):  # only scikit-learn calls this, so it is imported here
+        from sklearn.utils import InputTags, Tags, TargetTags, TransformerTags
+
+        return Tags(estimator_type=None, target_tags=TargetTags(required=False),
+                    transformer_tags=TransformerTags(preserves_dtype=[self.dtype]),
+                    input_tags=InputTags(sparse=True, positive_only=True))
+
+    def __sklearn_is_fitted__(self) -> bool:
+        return hasattr(self, "W_")
+
+    # Properties raise AttributeError until fitted, so ``hasattr`` tells whether the model is fitted.
+    @property
+    def components_(self) -> np.ndarray:
+        return self.W_
+
+    @property
+    def n_features_in_(self) -> int:
+        return self.W_.shape[1]
+
+    @property
+    def feature_names_in_(self) -> np.ndarray:
+        if getattr(self, "var_names_in_", None) is None:
+            raise AttributeError("feature_names_in_: the model was fitted without gene names")
+        return self.var_names_in_
+
+    # ------------------------------------------------------------------ state
     def _validate_params(self) -> None:
         for name, (ok, expected) in _CONSTRAINTS.items():
             value = getattr(self, name)
@@ -158,45 +165,64 @@ class OnlineINMF:
                 raise InputError(msg)
 
     @property
-    def _dt(self):
+    def _dt(self) -> np.dtype:
         return np.dtype(self.dtype)
 
-    def _threads(self):
-        return threadpool_limits(limits=self.n_threads, user_api="blas")
-
-    def _is_initialized(self) -> bool:
-        return hasattr(self, "W_")
-
     def _check_fitted(self) -> None:
-        if not self._is_initialized():
+        if not hasattr(self, "W_"):
             msg = "OnlineINMF: this model is not fitted yet; call fit or partial_fit first"
             raise InputError(msg)
 
-    def _reset(self, n_genes: int, var_names=None) -> None:
-        self._validate_params()
-        self._rng = np.random.default_rng(self.random_state)
-        self.W_ = S.init_w(self.n_components, n_genes, self._rng, self._dt)
+    def _reset(self, W: np.ndarray, var_names: np.ndarray | None, rng: np.random.Generator) -> None:
+        self._rng = rng
+        self.W_ = W
         self.V_, self.A_, self.B_, self.A_old_, self.B_old_ = {}, {}, {}, {}, {}
         self.n_cells_, self.n_batches_ = {}, {}
-        self.dataset_names_ = []
-        self.frozen_ = set()
-        self.n_steps_ = 0
-        self.n_epochs_ = 0
+        self.dataset_names_, self.frozen_ = [], set()
+        self.n_steps_ = self.n_epochs_ = 0
         self.objective_ = []
         self.var_names_in_ = None if var_names is None else np.asarray(var_names).astype(str)
+        self._mode = "fit"
 
     def _add_dataset(self, name: str, V: np.ndarray, n_cells: int) -> None:
         K, G = self.W_.shape
         self.dataset_names_.append(name)
         self.V_[name] = V
-        self.A_[name] = np.zeros((K, K), self._dt)
-        self.A_old_[name] = np.zeros((K, K), self._dt)
-        self.B_[name] = np.zeros((K, G), self._dt)
-        self.B_old_[name] = np.zeros((K, G), self._dt)
-        self.n_cells_[name] = int(n_cells)
-        self.n_batches_[name] = 0
+        self.A_[name], self.A_old_[name] = np.zeros((K, K), self._dt), np.zeros((K, K), self._dt)
+        self.B_[name], self.B_old_[name] = np.zeros((K, G), self._dt), np.zeros((K, G), self._dt)
+        self.n_cells_[name], self.n_batches_[name] = int(n_cells), 0
 
-    def _check_genes(self, n_genes: int, var_names, what: str) -> None:
+    def _state(self) -> dict:
+        """Everything a fitted model is, as plain values and arrays (what :mod:`onlinemf.model_io` saves)."""
+        self._check_fitted()
+        return {"params": self.get_params(), "rng_state": self._rng.bit_generator.state, "W": self.W_,
+                "var_names": self.var_names_in_, "n_steps": self.n_steps_, "n_epochs": self.n_epochs_,
+                "objective": list(self.objective_), "mode": self._mode,
+                "datasets": [{"name": n, "n_cells": self.n_cells_[n], "n_batches": self.n_batches_[n],
+                              "frozen": n in self.frozen_, **{k: getattr(self, f"{k}_")[n] for k in _STATS}}
+                             for n in self.dataset_names_]}
+
+    @classmethod
+    def _from_state(cls, state: dict) -> OnlineINMF:
+        """The estimator :meth:`_state` described (parameters validated, arrays in the working dtype)."""
+        est = cls(**state["params"])
+        est._validate_params()
+        bitgen = getattr(np.random, state["rng_state"]["bit_generator"])()
+        bitgen.state = state["rng_state"]
+        est._reset(np.asarray(state["W"], dtype=est._dt), state.get("var_names"), np.random.Generator(bitgen))
+        for d in state["datasets"]:
+            est._add_dataset(str(d["name"]), np.asarray(d["V"], dtype=est._dt), d["n_cells"])
+            for key in _STATS[1:]:
+                getattr(est, f"{key}_")[str(d["name"])] = np.asarray(d[key], dtype=est._dt)
+            est.n_batches_[str(d["name"])] = int(d["n_batches"])
+            if d["frozen"]:
+                est.frozen_.add(str(d["name"]))
+        est.n_steps_, est.n_epochs_ = int(state["n_steps"]), int(state["n_epochs"])
+        est.objective_ = [float(x) for x in state["objective"]]
+        est._mode = state.get("mode", "fit")
+        return est
+
+    def _check_genes(self, n_genes: int, var_names: np.ndarray | None, what: str) -> None:
         G = self.W_.shape[1]
         if n_genes != G:
             msg = f"{what}: expected {G} genes as the model, found {n_genes}"
@@ -209,98 +235,55 @@ class OnlineINMF:
                        f"first {str(names[bad[0]])!r} where the model has {str(self.var_names_in_[bad[0]])!r}")
                 raise InputError(msg)
 
-    # ------------------------------------------------------------------ initialisation
-    def _sample_v_from_source(self, source: Source) -> np.ndarray:
-        """V_i from K distinct random non-empty cells of ``source``, taken in file order.
-
-        The cells are the first K non-empty ones of a random permutation (draws without replacement,
-        and a clear error when the non-empty cells run out), read one at a time in ascending order, so
-        nothing large is loaded and the reads are sequential. As in pyliger, row j of V_i is the j-th of
-        the chosen cells in file order: when datasets list cells in a similar order (files sorted by
-        cell type are common) factor j starts from similar cells in every dataset, a better start
-        (baron, 100 seeds: objective -0.23 %, ARI +0.047); on randomly ordered files it changes nothing.
-        """
-        K, n = self.n_components, source.n_cells
-        order = self._rng.permutation(n)
-        chosen: dict[int, sp.csr_matrix] = {}
-        pos = 0
-        while len(chosen) < K and pos < n:
-            take = np.sort(order[pos:pos + K - len(chosen)])
-            pos += take.size
-            for idx in take:
-                row = source.read_block(int(idx), int(idx) + 1)
-                if row.nnz and row.data.any():
-                    chosen[int(idx)] = row
-        if len(chosen) < K:
-            msg = f"{source.name}: expected at least n_components={K} cells with non-zero values, found {len(chosen)}"
-            raise InputError(msg)
-        return S.v_from_cells(sp.vstack([chosen[i] for i in sorted(chosen)], format="csr"), self._dt)
-
-    def initialize(self, sources) -> OnlineINMF:
-        """Start a new model for ``sources``: W ~ U(0,2) (unit-norm factors), V_i from K random cells.
-
-        Draw order from the Generator: W, then V of each dataset in order (then the plan).
-        """
-        sources = as_sources(sources)
-        first = sources[0]
-        self._reset(first.n_genes, gene_names(first))
-        for s in sources:
-            self._check_genes(s.n_genes, gene_names(s), s.name)
-        for s in sources:
-            self._add_dataset(s.name, self._sample_v_from_source(s), s.n_cells)
-        return self
-
     # ------------------------------------------------------------------ one iteration
-    def _as_block(self, X, name: str):
+    def _as_block(self, X: Any, name: str) -> Any:
         if isinstance(X, (list, tuple)):  # row blocks of one mini-batch, as minibatches() yields them
             if not X:
                 msg = f"{name}: expected a mini-batch with at least one row block, found an empty list"
                 raise InputError(msg)
             # Row ranges come from minibatches() over sources whose values were checked when read.
-            return [block if isinstance(block, CsrRowRange) and block.dtype == self._dt
-                    else as_matrix(materialize(block), name, dtype=self._dt) for block in X]
+            return [b if isinstance(b, CsrRowRange) and b.dtype == self._dt
+                    else as_matrix(materialize(b), name, dtype=self._dt) for b in X]
         return as_matrix(X, name, dtype=self._dt)
 
-    def _step(self, batch: dict, new_epoch: bool) -> dict:
-        """One iteration over ``batch`` (name -> CSR block or list of row blocks): H, A/B, HALS.
+    def _step(self, batch: dict, new_epoch: bool, executor: Any) -> dict[str, float]:
+        """One iteration over ``batch`` (name -> matrix or row blocks): H, A/B, HALS; returns mini-batch losses.
 
-        Returns each dataset's mini-batch loss, from the H just solved and the factors before
-        this iteration's W/V update (the free per-epoch objective estimate).
+        Losses come from the H just solved and the factors before this iteration's W/V update.
         """
-        lam = float(self.lam)
+        factors = {name: _step.dataset_factors(self.W_, self.V_[name], float(self.lam)) for name in batch}
+        units = [(name, unit) for name, X in batch.items() for unit in _step.work_units(X)]
+        results = executor.map(lambda item: _step.unit_stats(item[1], factors[item[0]], self.h_sweeps), units)
         losses = {}
-        for name, X in batch.items():
-            W, V = self.W_, self.V_[name]
-            H, XL, G = S.solve_h(X, W, V, lam, n_sweeps=self.h_sweeps)
-            losses[name] = S.objective_terms(X, H, W, V, lam, XL=XL, G=G)
+        for name in batch:
+            total = _step.sum_stats([r for (n, _), r in zip(units, results, strict=True) if n == name])
             self.n_batches_[name] += 1
-            S.update_stats(self.A_[name], self.B_[name], self.A_old_[name], self.B_old_[name], H, X,
-                           self.n_batches_[name], new_epoch)
+            S.update_stats(self.A_[name], self.B_[name], self.A_old_[name], self.B_old_[name], total.HtH,
+                           total.XtH, total.n_rows, self.n_batches_[name], new_epoch)
+            losses[name] = total.loss
         names = self.dataset_names_
         S.hals_update(self.W_, [self.V_[n] for n in names], [self.A_[n] for n in names],
-                      [self.B_[n] for n in names], lam, [n in batch for n in names], n_sweeps=self.hals_iter)
+                      [self.B_[n] for n in names], float(self.lam), [n in batch for n in names],
+                      n_sweeps=self.hals_iter)
         self.n_steps_ += 1
         return losses
 
-    def partial_fit(self, X, *, dataset=None, new_epoch: bool = False) -> OnlineINMF:
+    def partial_fit(self, X: Any, y: None = None, *, dataset: str | None = None,
+                    new_epoch: bool = False) -> OnlineINMF:
         """One mini-batch update.
 
         Parameters
         ----------
         X : CSR matrix or ndarray of shape (n_cells, n_genes), list of such row blocks, or dict name -> X
-            A prepared mini-batch (a list is its row blocks, in order); a dict updates several datasets
-            in one iteration (as every iteration of :meth:`fit` does, so a loop over :meth:`minibatches`
-            replays ``fit``).
-        dataset : str
-            Name of the dataset of ``X`` (not with a dict). An unseen name starts a new V/A/B,
-            V drawn from K random non-empty cells of ``X``.
+            A prepared mini-batch (a list is its row blocks, in order); a dict updates several datasets in one
+            iteration (as every iteration of :meth:`fit` does, so a loop over :meth:`minibatches` replays ``fit``).
+        y : ignored
+        dataset : str, optional
+            Name of the dataset of ``X`` (not with a dict). An unseen name starts a new V/A/B, V drawn from K
+            random non-empty cells of ``X``. Default: the model's only dataset, or "dataset" for a new model.
         new_epoch : bool, default=False
-            The stream just started a new pass over the data: statistics older than the previous
-            epoch boundary are dropped (rliger).
-
-        Returns
-        -------
-        self
+            The stream just started a new pass over the data: statistics older than the previous epoch
+            boundary are dropped (rliger).
         """
         if isinstance(X, Mapping):
             if dataset is not None:
@@ -308,235 +291,196 @@ class OnlineINMF:
                 raise InputError(msg)
             batch = {str(n): x for n, x in X.items()}
         else:
-            if dataset is None:
-                msg = "partial_fit: expected a dataset name with a single mini-batch, found dataset=None"
-                raise InputError(msg)
-            batch = {str(dataset): X}
+            batch = {self._default_dataset() if dataset is None else str(dataset): X}
         batch = {n: self._as_block(x, n) for n, x in batch.items()}
-        with self._threads():
-            if not self._is_initialized():
-                self._reset(S.row_blocks(next(iter(batch.values())))[0].shape[1])
-            for name, x in batch.items():
-                for block in S.row_blocks(x):
-                    self._check_genes(block.shape[1], None, name)
-                if name in self.frozen_:
-                    msg = f"partial_fit: expected a new or active dataset, found {name!r} which is frozen (old data after update)"
-                    raise InputError(msg)
-            for name, x in batch.items():
-                if name not in self.V_:
-                    if isinstance(x, list):
-                        x = sp.vstack([materialize(b) for b in x], format="csr")
-                    idx = S.pick_nonempty_rows(x, self.n_components, self._rng)
-                    if idx is None:
-                        msg = (f"{name}: expected at least n_components={self.n_components} non-empty cells "
-                               f"in the first mini-batch, found fewer")
-                        raise InputError(msg)
-                    self._add_dataset(name, S.v_from_cells(x[idx], self._dt), x.shape[0])
-            self._step(batch, new_epoch)
+        if not hasattr(self, "W_"):
+            self._validate_params()
+            rng = np.random.default_rng(self.random_state)
+            n_genes = S.row_blocks(next(iter(batch.values())))[0].shape[1]
+            self._reset(S.init_w(self.n_components, n_genes, rng, self._dt), None, rng)
+        for name, x in batch.items():
+            for block in S.row_blocks(x):
+                self._check_genes(block.shape[1], None, name)
+            if name in self.frozen_:
+                msg = f"partial_fit: expected a new or active dataset, found {name!r} which is frozen (old data after update)"
+                raise InputError(msg)
+        for name, x in batch.items():
+            if name not in self.V_:
+                self._add_dataset(name, T.sample_v_from_block(x, name, self.n_components, self._rng, self._dt),
+                                  S.n_rows(x))
+        with local_executor(self.n_threads) as executor:
+            self._step(batch, new_epoch, executor)
         return self
 
-    # ------------------------------------------------------------------ plans
-    def _read(self, source: Source, ranges) -> list:
-        blocks = source.read_pieces(ranges)
-        return [block if block.dtype == self._dt else materialize(block).astype(self._dt) for block in blocks]
+    def _default_dataset(self) -> str:
+        names = [n for n in getattr(self, "dataset_names_", []) if n not in self.frozen_]
+        if len(names) > 1:
+            msg = f"partial_fit: expected a dataset name with a single mini-batch, found dataset=None and datasets {names}"
+            raise InputError(msg)
+        return names[0] if names else "dataset"
 
-    def make_plan(self, sources) -> MinibatchPlan:
-        """The mini-batch plan over ``sources``, drawing from the model's Generator."""
-        sources = as_sources(sources)
+    # ------------------------------------------------------------------ plans
+    def initialize(self, X: Any) -> OnlineINMF:
+        """Start a new model: W ~ U(0,2) (unit-norm factors), V_i from K random cells; draws W, then each V_i."""
+        sources = T.as_sources(X)
+        self._validate_params()
+        rng = np.random.default_rng(self.random_state)
+        first = sources[0]
+        self._reset(S.init_w(self.n_components, first.n_genes, rng, self._dt), T.gene_names(first), rng)
+        for s in sources:
+            self._check_genes(s.n_genes, T.gene_names(s), s.name)
+        for s in sources:
+            self._add_dataset(s.name, T.sample_v(s, self.n_components, rng, self._dt), s.n_cells)
+        return self
+
+    def make_plan(self, X: Any) -> MinibatchPlan:
+        """The mini-batch plan over the datasets of ``X``, drawing from the model's Generator."""
+        sources = T.as_sources(X)
         return MinibatchPlan([s.n_cells for s in sources], self.batch_size, self.max_epochs, self.chunk_size,
                              self._rng)
 
-    def minibatches(self, sources, plan: MinibatchPlan | None = None, *, skip: int = 0):
-        """Yield ``(step, {name: X})`` over a plan; each X is the list of row blocks of one mini-batch.
-
-        The blocks are contiguous ranges of a dataset, in mini-batch order: CSR matrices, or for in-memory
-        data :class:`~onlinemf._rowrange.CsrRowRange` references (``.tocsr()`` copies one out), so the fit
-        loop copies nothing. :meth:`partial_fit` takes such a list. ``skip`` steps are drawn (same
-        Generator use) but not read (resuming).
-        """
-        sources = as_sources(sources)
-        plan = self.make_plan(sources) if plan is None else plan
-        for step in plan:
-            if step.t <= skip:
-                continue
-            yield step, {s.name: self._read(s, rr) for s, rr in zip(sources, step.ranges, strict=True)}
-
-    def _run_plan(self, sources, *, progress, checkpoint, resume_state=None) -> None:
-        from .model_io import write_checkpoint
-
-        if resume_state is None:
-            plan_rng_state = self._rng.bit_generator.state
-            done, acc = 0, {"loss": {}, "cells": {}}
-        else:
-            plan_rng_state = resume_state["plan_rng_state"]
-            self._rng.bit_generator.state = plan_rng_state
-            done, acc = int(resume_state["done"]), resume_state["acc"]
-        plan = self.make_plan(sources)
-        if plan.n_steps == 0:
-            logger.warning("The plan has no iteration (batch_size=%s, cells %s, max_epochs=%s): raise max_epochs",
-                           self.batch_size, plan.n_cells, self.max_epochs)
-        elif plan.sizes[0] >= plan.n_cells[0] and min(plan.n_cells) > 1:
-            # rliger's advice: a mini-batch no larger than the smallest dataset. Measured on cellbench5 (100 seeds):
-            # 5 whole-data iterations give ARI 0.830 / alignment 0.960, mini-batch 156 gives 0.862 / 0.971.
-            logger.info("mini-batch %d covers all %d cells: %d iteration(s) in all; a mini-batch no larger than the "
-                        "smallest dataset (%d cells) trains more (batch_size / --batch-size)",
-                        sum(plan.sizes), sum(plan.n_cells), plan.n_steps, min(plan.n_cells))
-        n_full = dict(zip([s.name for s in sources], plan.n_cells, strict=True))
-        for step, batch in self.minibatches(sources, plan, skip=done):
-            for name, value in self._step(batch, step.new_epoch).items():
-                acc["loss"][name] = acc["loss"].get(name, 0.0) + value
-                acc["cells"][name] = acc["cells"].get(name, 0) + S.n_rows(batch[name])
-            # The batch crossing a boundary counts in the epoch it closes.
-            if step.new_epoch or step.t == plan.n_steps:
-                self.objective_.append(sum(acc["loss"][n] / acc["cells"][n] * n_full[n] for n in acc["loss"]))
-                acc = {"loss": {}, "cells": {}}
-            self.n_epochs_ = step.epoch + (step.t == plan.n_steps)
-            if progress is not None:
-                progress(step.t, plan.n_steps, step.epoch)
-            if checkpoint is not None and step.t % checkpoint.every == 0 and step.t < plan.n_steps:
-                state = {"plan_rng_state": plan_rng_state, "done": step.t, "acc": acc,
-                         "sources": [[s.name, s.n_cells] for s in sources]}
-                write_checkpoint(checkpoint.path, self, state)
-
-    def _resume(self, resume, sources, mode: str) -> dict:
-        from .model_io import read_checkpoint
-
-        state = read_checkpoint(resume, into=self)
-        expected = [[s.name, s.n_cells] for s in sources]
-        if state.get("mode") != mode or state.get("sources") != expected:
-            msg = (f"resume: expected a {mode} checkpoint of datasets {expected}, "
-                   f"found a {state.get('mode')} checkpoint of {state.get('sources')}")
-            raise InputError(msg)
-        for s in sources:  # the checkpoint's genes, in its order
-            self._check_genes(s.n_genes, gene_names(s), s.name)
-        return state
+    def minibatches(self, X: Any, plan: MinibatchPlan | None = None, *, skip: int = 0):
+        """Yield ``(step, {name: row blocks})`` over a plan (``partial_fit`` takes each dict: it replays ``fit``)."""
+        sources = T.as_sources(X)
+        yield from T.iter_batches(sources, self.make_plan(sources) if plan is None else plan, self._dt, skip)
 
     # ------------------------------------------------------------------ scenarios
-    def fit(self, sources, *, progress: Callable | None = None, checkpoint=None, resume=None) -> OnlineINMF:
-        """Scenario 1: factorise all ``sources`` from scratch.
+    def fit(self, X: Any, y: None = None, *, progress: Callable | None = None, callback: T.StepCallback | None = None,
+            resume: dict | None = None) -> OnlineINMF:
+        """Scenario 1: factorise all datasets of ``X`` from scratch.
 
         Parameters
         ----------
-        sources : list of Source or dict name -> matrix (n_cells, n_genes)
-            Prepared (normalised, gene-selected, scaled) data.
+        X : matrix of shape (n_cells, n_genes), list of Source, or dict name -> matrix
+            Prepared (normalised, gene-selected, scaled) data; one matrix is one dataset named "dataset".
+        y : ignored
         progress : callable ``progress(step, n_steps, epoch)``, optional
-        checkpoint : model_io.Checkpoint, optional
-            Save the full state every ``checkpoint.every`` mini-batches.
-        resume : path, optional
-            Continue from a checkpoint written by the same fit; the result equals an
-            uninterrupted run.
-
-        Returns
-        -------
-        self
+        callback : callable ``callback(estimator, position)``, optional
+            Called after every mini-batch, e.g. :class:`onlinemf.model_io.Checkpoint`.
+        resume : dict, optional
+            The plan position of a checkpoint whose state this estimator holds
+            (``onlinemf.model_io.read_checkpoint``); the result equals an uninterrupted run.
         """
-        sources = as_sources(sources)
-        self._validate_params()
-        with self._threads():
-            if resume is not None:
-                state = self._resume(resume, sources, "fit")
-            else:
-                self.initialize(sources)
-                state = None
-            self._mode = "fit"
-            self._run_plan(sources, progress=progress, checkpoint=checkpoint, resume_state=state)
+        sources = T.as_sources(X)
+        if resume is None:
+            self.initialize(sources)
+        else:
+            self._resume(resume, sources, "fit")
+        self._mode = "fit"
+        with local_executor(self.n_threads) as executor:
+            T.run_plan(self, sources, executor, progress=progress, callback=callback, position=resume)
         return self
 
-    def update(self, sources, *, progress: Callable | None = None, checkpoint=None, resume=None) -> OnlineINMF:
+    def update(self, X: Any, *, progress: Callable | None = None, callback: T.StepCallback | None = None,
+               resume: dict | None = None) -> OnlineINMF:
         """Scenario 2: add new datasets; W continues, the existing datasets are frozen.
 
-        Old V/A/B still enter the W update but are not changed, and old data are never read.
-        New datasets get V from K random cells, zero A/B and their own plan (epochs counted on
-        the first new dataset). Re-solving H of old cells is a separate step (:meth:`transform`).
-
-        Parameters
-        ----------
-        sources : list of Source or dict name -> matrix (n_cells, n_genes)
-            New datasets only, with the model's genes.
-        progress, checkpoint, resume : as in :meth:`fit`.
+        Old V/A/B still enter the W update but are not changed, and old data are never read. New datasets get
+        V from K random cells, zero A/B and their own plan. Re-solving H of old cells is a separate step
+        (:meth:`transform`). ``X``, ``progress``, ``callback``, ``resume``: as in :meth:`fit` (new datasets only).
         """
-        sources = as_sources(sources)
+        sources = T.as_sources(X)
         self._validate_params()
-        with self._threads():
-            if resume is not None:
-                state = self._resume(resume, sources, "update")
-            else:
-                self._check_fitted()
-                for s in sources:
-                    if s.name in self.V_:
-                        msg = f"update: expected new dataset names, found {s.name!r} already in the model"
-                        raise InputError(msg)
-                    self._check_genes(s.n_genes, gene_names(s), s.name)
-                self.frozen_.update(self.dataset_names_)
-                for s in sources:
-                    self._add_dataset(s.name, self._sample_v_from_source(s), s.n_cells)
-                state = None
-            self._mode = "update"
-            self._run_plan(sources, progress=progress, checkpoint=checkpoint, resume_state=state)
+        if resume is not None:
+            self._resume(resume, sources, "update")
+        else:
+            self._check_fitted()
+            for s in sources:
+                if s.name in self.V_:
+                    msg = f"update: expected new dataset names, found {s.name!r} already in the model"
+                    raise InputError(msg)
+                self._check_genes(s.n_genes, T.gene_names(s), s.name)
+            self.frozen_.update(self.dataset_names_)
+            for s in sources:
+                self._add_dataset(s.name, T.sample_v(s, self.n_components, self._rng, self._dt), s.n_cells)
+        self._mode = "update"
+        with local_executor(self.n_threads) as executor:
+            T.run_plan(self, sources, executor, progress=progress, callback=callback, position=resume)
         return self
 
-    # ------------------------------------------------------------------ H and objective
-    def _factors(self, dataset):
+    def _resume(self, position: dict, sources: list[Source], mode: str) -> None:
         self._check_fitted()
-        if dataset is None:
-            return self.W_, None
-        if dataset not in self.V_:
+        self._validate_params()
+        T.check_position(position, sources, mode)
+        for s in sources:  # the checkpoint's genes, in its order
+            self._check_genes(s.n_genes, T.gene_names(s), s.name)
+
+    def fit_transform(self, X: Any, y: None = None, **fit_params: Any) -> np.ndarray | list[np.ndarray]:
+        """Fit, then H: for one matrix ``fit(X).transform(X)`` (shape (n_cells, K), on W as scikit-learn
+        expects); for several datasets the list of each dataset's H with its own ``W + V_i``."""
+        self.fit(X, **fit_params)
+        if T.is_matrix(X):
+            return self.transform(X)
+        return [self.transform_source(s, dataset=s.name)[0] for s in T.as_sources(X)]
+
+    # ------------------------------------------------------------------ H and objective
+    def _factors(self, dataset: str | None) -> _step.DatasetFactors:
+        self._check_fitted()
+        if dataset is not None and dataset not in self.V_:
             msg = f"dataset: expected one of {self.dataset_names_}, found {dataset!r}"
             raise InputError(msg)
-        return self.W_, self.V_[dataset]
+        V = None if dataset is None else self.V_[dataset]
+        return _step.dataset_factors(self.W_, V, float(self.lam) if V is not None else 0.0)
 
-    def _h_block(self, X, W, V, with_objective: bool):
-        H, XL, G = S.solve_h(X, W, V, float(self.lam), n_sweeps=self.h_sweeps)
-        obj = S.objective_terms(X, H, W, V, float(self.lam), XL=XL, G=G) if with_objective else None
-        return np.ascontiguousarray(H), obj
+    def _h_blocks(self, blocks: Any, factors: _step.DatasetFactors, with_loss: bool):
+        """``(start, stop, H, loss)`` for each ``(start, stop, X)`` block; units solved on the executor's threads
+        while the main thread reads the next blocks (a few units in flight: memory stays bounded)."""
+        def tasks():
+            for start, stop, X in blocks:
+                X = X if isinstance(X, CsrRowRange) else X.astype(self._dt, copy=False)
+                units = _step.work_units(X)
+                for i, unit in enumerate(units):
+                    yield start, stop, i == len(units) - 1, unit
 
-    def transform(self, X, *, dataset=None) -> np.ndarray:
-        """H of the cells in ``X``; never changes the model.
+        def solve(task):
+            start, stop, last, unit = task
+            return (start, stop, last, *_step.unit_h(unit, factors, self.h_sweeps, with_loss))
 
-        Parameters
-        ----------
-        X : CSR matrix or ndarray of shape (n_cells, n_genes), prepared
-        dataset : str, optional
-            A known dataset: uses ``W + V_dataset`` and ``lam``. None projects on W only
-            (scenario 3, V = 0).
+        parts: list = []
+        with local_executor(self.n_threads) as executor:
+            for start, stop, last, H, loss in imap(executor, solve, tasks()):
+                parts.append((H, loss or 0.0))
+                if last:
+                    H = parts[0][0] if len(parts) == 1 else np.vstack([p[0] for p in parts])
+                    yield start, stop, H, sum(p[1] for p in parts)
+                    parts = []
 
-        Returns
-        -------
-        H : ndarray of shape (n_cells, K)
+    def transform(self, X: Any, *, dataset: str | None = None) -> np.ndarray:
+        """H of the cells in ``X``, shape (n_cells, K); never changes the model.
+
+        ``dataset``: a known dataset uses ``W + V_dataset`` and ``lam``; None projects on W only (scenario 3).
         """
-        W, V = self._factors(dataset)
-        X = self._as_block(X, "X" if dataset is None else str(dataset))
-        self._check_genes(X.shape[1], None, "X")
-        with self._threads():
-            return self._h_block(X, W, V, False)[0]
+        factors = self._factors(dataset)
+        names = T._column_names(X)
+        X = as_matrix(materialize(X), "X" if dataset is None else str(dataset), dtype=self._dt)
+        self._check_genes(X.shape[1], names, "X")
+        H = np.empty((X.shape[0], self.n_components), dtype=self._dt)
+        blocks = ((a, min(a + 4 * _step.UNIT_ROWS, X.shape[0]), CsrRowRange(X, a, min(a + 4 * _step.UNIT_ROWS, X.shape[0])))
+                  for a in range(0, X.shape[0], 4 * _step.UNIT_ROWS))
+        for start, stop, H_block, _ in self._h_blocks(blocks, factors, False):
+            H[start:stop] = H_block
+        return H
 
-    def transform_source(self, source: Source, *, dataset=None, block_size: int = 10000,
-                         with_objective: bool = False):
-        """H of every cell of ``source``, streamed in blocks of ``block_size`` cells.
-
-        Returns
-        -------
-        H : ndarray of shape (n_cells, K)
-        objective : float or None
-            The exact loss of this dataset with the returned H (when ``with_objective``).
-        """
-        W, V = self._factors(dataset)
-        self._check_genes(source.n_genes, gene_names(source), source.name)
+    def transform_source(self, source: Source, *, dataset: str | None = None, block_size: int = 10000,
+                         with_objective: bool = False) -> tuple[np.ndarray, float | None]:
+        """H of every cell of ``source`` (n_cells, K), streamed in blocks, and the dataset's exact loss if asked."""
+        factors = self._factors(dataset)
+        self._check_genes(source.n_genes, T.gene_names(source), source.name)
         H = np.empty((source.n_cells, self.n_components), dtype=self._dt)
         total = 0.0
-        with self._threads():
-            for start, stop, X in source.iter_blocks(block_size):
-                H[start:stop], obj = self._h_block(X.astype(self._dt, copy=False), W, V, with_objective)
-                total += obj or 0.0
+        for start, stop, H_block, loss in self._h_blocks(source.iter_blocks(block_size), factors, with_objective):
+            H[start:stop] = H_block
+            total += loss
         return H, (total if with_objective else None)
 
-    def objective(self, sources, *, block_size: int = 10000) -> float:
-        """Exact objective over ``sources`` (known datasets), H re-solved per block, streamed."""
-        total = 0.0
-        for s in as_sources(sources):
-            W, V = self._factors(s.name)
-            self._check_genes(s.n_genes, gene_names(s), s.name)
-            with self._threads():
-                for _, _, X in s.iter_blocks(block_size):
-                    total += self._h_block(X.astype(self._dt, copy=False), W, V, True)[1]
-        return total
+    def objective(self, X: Any, *, block_size: int = 10000) -> float:
+        """Exact objective over known datasets, H re-solved per block, streamed."""
+        return sum(self.transform_source(s, dataset=s.name, block_size=block_size, with_objective=True)[1]
+                   for s in T.as_sources(X))
+
+
+def _same(a: Any, b: Any) -> bool:
+    try:
+        return bool(a == b) and type(a) is type(b)
+    except (TypeError, ValueError):
+        return a is b

@@ -1,5 +1,8 @@
 """Save, load and checkpoint :class:`~onlinemf.engine.OnlineINMF` models in HDF5 (h5py, no pickle).
 
+The estimator describes itself (``_state()``) and is rebuilt from that description (``_from_state()``);
+this module only serialises it, and checkpoints through a step callback (:class:`Checkpoint`).
+
 Layout (``format_version`` 1)::
 
     /            attrs: kind, format_version, params (JSON), rng_state (JSON of bit_generator.state),
@@ -26,17 +29,23 @@ import numpy as np
 
 from ._errors import InputError, ModelError
 from ._files import atomic_output
+from .engine import OnlineINMF
 
 FORMAT_VERSION = 1
 KIND = "onlinemf.OnlineINMF"
 MAX_COMPONENTS = 10_000
 MAX_GENES = 50_000_000
 MAX_ELEMENTS = 2**32  # per K x G array; anything larger is refused before reading
+_ARRAYS = ("V", "A", "B", "A_old", "B_old")
 
 
 @dataclass
 class Checkpoint:
-    """Where and how often :meth:`OnlineINMF.fit`/``update`` save their full state."""
+    """A step callback for :meth:`OnlineINMF.fit`/``update``: save the full state every ``every`` mini-batches.
+
+    ``est.fit(sources, callback=Checkpoint(path, every=10))``; resume with
+    ``est, position = read_checkpoint(path)`` then ``est.fit(sources, resume=position)``.
+    """
 
     path: str | os.PathLike
     every: int = 10
@@ -45,6 +54,11 @@ class Checkpoint:
         if not isinstance(self.every, int) or isinstance(self.every, bool) or self.every < 1:
             msg = f"Checkpoint.every: expected an int >= 1, found {self.every!r}"
             raise InputError(msg)
+
+    def __call__(self, estimator: OnlineINMF, position: dict) -> None:
+        done, n_steps = int(position["done"]), int(position["n_steps"])
+        if done % self.every == 0 and done < n_steps:  # the last step's state is the model file's business
+            write_checkpoint(self.path, estimator, position)
 
 
 @dataclass
@@ -57,43 +71,43 @@ class SavedModel:
 
 
 # ----------------------------------------------------------------------------- writing
-def _params_json(est) -> str:
-    params = est.get_params()
+def _params_json(params: dict) -> str:
+    params = dict(params)
     if not (params["random_state"] is None or isinstance(params["random_state"], int)):
         params["random_state"] = None  # a Generator: its state is saved as rng_state
     return json.dumps(params)
 
 
-def _write(path, est, *, scaling=None, info=None, checkpoint_state=None) -> None:
+def _write(path, est: OnlineINMF, *, scaling=None, info=None, checkpoint_state=None) -> None:
     if not hasattr(est, "W_"):
         msg = "estimator: expected a fitted OnlineINMF, found one that is not fitted"
         raise InputError(msg)
+    state = est._state()
     with atomic_output(path) as tmp:
         with h5py.File(tmp, "w") as f:
             f.attrs["kind"] = KIND
             f.attrs["format_version"] = FORMAT_VERSION
-            f.attrs["params"] = _params_json(est)
-            f.attrs["rng_state"] = json.dumps(est._rng.bit_generator.state)
-            f.attrs["n_steps"] = int(est.n_steps_)
-            f.attrs["n_epochs"] = int(est.n_epochs_)
-            f.attrs["objective"] = json.dumps([float(x) for x in est.objective_])
+            f.attrs["params"] = _params_json(state["params"])
+            f.attrs["rng_state"] = json.dumps(state["rng_state"])
+            f.attrs["n_steps"] = int(state["n_steps"])
+            f.attrs["n_epochs"] = int(state["n_epochs"])
+            f.attrs["objective"] = json.dumps([float(x) for x in state["objective"]])
             f.attrs["info"] = json.dumps(info or {})
             if checkpoint_state is not None:
                 f.attrs["checkpoint"] = json.dumps(checkpoint_state)
-            f.create_dataset("W", data=est.W_)
-            if est.var_names_in_ is not None:
-                f.create_dataset("var_names", data=np.asarray(est.var_names_in_, dtype=object),
+            f.create_dataset("W", data=state["W"])
+            if state["var_names"] is not None:
+                f.create_dataset("var_names", data=np.asarray(state["var_names"], dtype=object),
                                  dtype=h5py.string_dtype())
             grp = f.create_group("datasets")
-            for i, name in enumerate(est.dataset_names_):
+            for i, d in enumerate(state["datasets"]):
                 g = grp.create_group(str(i))
-                g.attrs["name"] = name
-                g.attrs["n_cells"] = int(est.n_cells_[name])
-                g.attrs["n_batches"] = int(est.n_batches_[name])
-                g.attrs["frozen"] = name in est.frozen_
-                for key, store in (("V", est.V_), ("A", est.A_), ("B", est.B_), ("A_old", est.A_old_),
-                                   ("B_old", est.B_old_)):
-                    g.create_dataset(key, data=store[name])
+                g.attrs["name"] = d["name"]
+                g.attrs["n_cells"] = int(d["n_cells"])
+                g.attrs["n_batches"] = int(d["n_batches"])
+                g.attrs["frozen"] = bool(d["frozen"])
+                for key in _ARRAYS:
+                    g.create_dataset(key, data=d[key])
             sg = f.create_group("scaling")
             for i, (name, scale) in enumerate((scaling or {}).items()):
                 d = sg.create_dataset(str(i), data=np.asarray(scale, dtype=np.float64))
@@ -120,10 +134,9 @@ def save_model(path, estimator, *, scaling=None, info=None) -> None:
     _write(path, estimator, scaling=scaling, info=info)
 
 
-def write_checkpoint(path, estimator, state: dict) -> None:
-    """Write a checkpoint: the full model plus the plan position ``state`` (JSON-able)."""
-    state = dict(state, mode=getattr(estimator, "_mode", "fit"))
-    _write(path, estimator, checkpoint_state=state)
+def write_checkpoint(path, estimator: OnlineINMF, position: dict) -> None:
+    """Write a checkpoint: the full model plus the plan ``position`` (JSON-able, from the fit loop's callback)."""
+    _write(path, estimator, checkpoint_state=dict(position))
 
 
 # ----------------------------------------------------------------------------- reading
@@ -156,9 +169,7 @@ def _json_attr(path, f, key, default=None):
         _fail(path, f"attribute {key!r} is not valid JSON")
 
 
-def _load(path, into=None):
-    from .engine import OnlineINMF
-
+def _load(path):
     path = Path(path)
     if not path.is_file():
         msg = f"{path}: expected a model file, found no such file"
@@ -176,15 +187,13 @@ def _load(path, into=None):
         params = _json_attr(path, f, "params")
         if not isinstance(params, dict):
             _fail(path, "params is not a mapping")
-        est = OnlineINMF() if into is None else into
-        unknown = set(params) - set(est.get_params())
+        unknown = set(params) - set(OnlineINMF().get_params())
         if unknown:
             _fail(path, f"unknown parameters {sorted(unknown)}")
-        for k, v in params.items():
-            setattr(est, k, v)
         try:
+            est = OnlineINMF(**params)
             est._validate_params()
-        except InputError as exc:
+        except (InputError, TypeError) as exc:
             _fail(path, str(exc))
         # Shapes first, all from metadata: nothing is read before they all agree and are sane.
         Wd = f.get("W")
@@ -223,32 +232,26 @@ def _load(path, into=None):
                 scal_d.append(_dset(path, scal, str(i), (G,)))
         # Now read.
         dt = np.dtype(est.dtype)
-        est._reset(G, None)
-        est.W_ = Wd[...].astype(dt)
-        if names_d is not None:
-            est.var_names_in_ = np.asarray(names_d.asstr()[...]).astype(str)
+        datasets = []
         for g, arrays in entries:
-            name = str(g.attrs["name"])
-            est._add_dataset(name, arrays["V"][...].astype(dt), int(g.attrs.get("n_cells", 0)))
-            for key, store in (("A", est.A_), ("B", est.B_), ("A_old", est.A_old_), ("B_old", est.B_old_)):
-                store[name] = arrays[key][...].astype(dt)
-            est.n_batches_[name] = int(g.attrs.get("n_batches", 0))
-            if bool(g.attrs.get("frozen", False)):
-                est.frozen_.add(name)
-        rng_state = _json_attr(path, f, "rng_state")
-        try:
-            bitgen = getattr(np.random, rng_state["bit_generator"])()
-            bitgen.state = rng_state
-        except (AttributeError, KeyError, TypeError, ValueError):
-            _fail(path, "rng_state is not a numpy bit generator state")
-        est._rng = np.random.Generator(bitgen)
-        est.n_steps_ = int(f.attrs.get("n_steps", 0))
-        est.n_epochs_ = int(f.attrs.get("n_epochs", 0))
-        est.objective_ = [float(x) for x in _json_attr(path, f, "objective", [])]
+            d = {key: arrays[key][...].astype(dt) for key in _ARRAYS}
+            d.update(name=str(g.attrs["name"]), n_cells=int(g.attrs.get("n_cells", 0)),
+                     n_batches=int(g.attrs.get("n_batches", 0)), frozen=bool(g.attrs.get("frozen", False)))
+            datasets.append(d)
+        state = {"params": est.get_params(), "rng_state": _json_attr(path, f, "rng_state"), "W": Wd[...].astype(dt),
+                 "var_names": None if names_d is None else np.asarray(names_d.asstr()[...]).astype(str),
+                 "n_steps": int(f.attrs.get("n_steps", 0)), "n_epochs": int(f.attrs.get("n_epochs", 0)),
+                 "objective": [float(x) for x in _json_attr(path, f, "objective", [])], "datasets": datasets}
         scaling = {str(d.attrs["name"]): d[...] for d in scal_d}
         info = _json_attr(path, f, "info", {})
-        state = _json_attr(path, f, "checkpoint", {}) if "checkpoint" in f.attrs else None
-    return est, scaling, info, state
+        position = _json_attr(path, f, "checkpoint", {}) if "checkpoint" in f.attrs else None
+    if position is not None:
+        state["mode"] = position.get("mode", "fit")
+    try:
+        est = OnlineINMF._from_state(state)
+    except (AttributeError, KeyError, TypeError, ValueError):
+        _fail(path, "rng_state is not a numpy bit generator state")
+    return est, scaling, info, position
 
 
 def load_model(path) -> SavedModel:
@@ -257,10 +260,9 @@ def load_model(path) -> SavedModel:
     return SavedModel(estimator=est, scaling=scaling, info=info)
 
 
-def read_checkpoint(path, *, into) -> dict:
-    """Restore a checkpoint into the estimator ``into``; returns the plan position state."""
-    _, _, _, state = _load(path, into=into)
-    if state is None:
+def read_checkpoint(path) -> tuple[OnlineINMF, dict]:
+    """The estimator a checkpoint holds and its plan position: ``est.fit(sources, resume=position)`` continues."""
+    est, _, _, position = _load(path)
+    if position is None:
         _fail(path, "a model file, not a checkpoint")
-    into._mode = state.get("mode", "fit")
-    return state
+    return est, position

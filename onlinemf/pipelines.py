@@ -25,7 +25,7 @@ from ._prepared import build_caches
 from ._progress import NullProgress
 from ._results import ResultsTable, write_results
 from .engine import OnlineINMF
-from .model_io import Checkpoint, load_model, save_model
+from .model_io import Checkpoint, load_model, read_checkpoint, save_model
 from .preprocess import prepare
 from .readers import H5adSource, open_sources
 
@@ -285,9 +285,13 @@ def fit(
             est = OnlineINMF(n_components=params.k, lam=params.lam, batch_size=params.batch_size,
                              max_epochs=params.epochs, random_state=params.seed, n_threads=params.threads)
             saver = Checkpoint(checkpoint, every=checkpoint_every) if checkpoint is not None else None
+            position = None
+            if resume_from is not None:  # the checkpoint's estimator, and where its plan stopped
+                est, position = read_checkpoint(resume_from)
+                est.set_params(n_threads=params.threads)
             t = time.perf_counter()
             with progress(total=None, desc="factorize", unit="batch") as bar:
-                est.fit(prepared.sources, progress=_step_progress(bar), checkpoint=saver, resume=resume_from)
+                est.fit(prepared.sources, progress=_step_progress(bar), callback=saver, resume=position)
             timings["factorize_s"] = time.perf_counter() - t
             summary = _finish("fit", est, inputs, sources, prepared, reading, outputs, progress, output=output,
                               model=model, timings=timings,

