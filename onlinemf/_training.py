@@ -14,8 +14,10 @@ import numpy as np
 import scipy.sparse as sp
 
 from . import _solvers as S
+from . import _step
 from ._errors import InputError
-from ._rowrange import materialize
+from ._executor import imap, local_executor
+from ._rowrange import CsrRowRange, materialize
 from ._source import MemorySource, Source
 from ._validation import check_distinct_names
 from .schedule import MinibatchPlan, Step
@@ -172,3 +174,31 @@ def check_position(position: dict, sources: list[Source], mode: str) -> None:
         msg = (f"resume: expected a {mode} checkpoint of datasets {expected}, "
                f"found a {position.get('mode')} checkpoint of {position.get('sources')}")
         raise InputError(msg)
+
+
+def h_blocks(blocks: Iterator, factors: Any, dtype: np.dtype, n_sweeps: int, n_threads: int | None,
+             with_loss: bool) -> Iterator:
+    """``(start, stop, H, loss)`` for each ``(start, stop, X)`` block, H of shape (stop - start, K).
+
+    Each block is split into work units solved on ``n_threads`` threads while the calling thread reads the next
+    blocks; a few units are in flight at a time, so memory stays bounded by a few blocks.
+    """
+    def tasks():
+        for start, stop, X in blocks:
+            X = X if isinstance(X, CsrRowRange) else X.astype(dtype, copy=False)
+            units = _step.work_units(X)
+            for i, unit in enumerate(units):
+                yield start, stop, i == len(units) - 1, unit
+
+    def solve(task):
+        start, stop, last, unit = task
+        return (start, stop, last, *_step.unit_h(unit, factors, n_sweeps, with_loss))
+
+    parts: list = []
+    with local_executor(n_threads) as executor:
+        for start, stop, last, H, loss in imap(executor, solve, tasks()):
+            parts.append((H, loss or 0.0))
+            if last:
+                H = parts[0][0] if len(parts) == 1 else np.vstack([p[0] for p in parts])
+                yield start, stop, H, sum(p[1] for p in parts)
+                parts = []

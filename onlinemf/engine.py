@@ -9,7 +9,6 @@ an executor from :mod:`onlinemf._executor`), the plan in :mod:`onlinemf.schedule
 
 from __future__ import annotations
 
-import numbers
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -19,34 +18,18 @@ from . import _solvers as S
 from . import _step
 from . import _training as T
 from ._errors import InputError
-from ._executor import imap, local_executor
+from ._executor import local_executor
+from ._params import ParamsMixin, constraints
 from ._rowrange import CsrRowRange, materialize
 from ._source import Source, as_matrix
 from .schedule import MinibatchPlan
 
 
-def _is_int(v: Any, lo: int) -> bool:
-    return isinstance(v, numbers.Integral) and not isinstance(v, bool) and v >= lo
-
-
-_CONSTRAINTS = {
-    "n_components": (lambda v: _is_int(v, 1), "an int >= 1"),
-    "lam": (lambda v: isinstance(v, numbers.Real) and not isinstance(v, bool) and np.isfinite(v) and v >= 0,
-            "a float >= 0"),
-    "batch_size": (lambda v: _is_int(v, 1), "an int >= 1"),
-    "max_epochs": (lambda v: _is_int(v, 1), "an int >= 1"),
-    "chunk_size": (lambda v: _is_int(v, 1), "an int >= 1"),
-    "hals_iter": (lambda v: _is_int(v, 1), "an int >= 1"),
-    "h_sweeps": (lambda v: _is_int(v, 1), "an int >= 1"),
-    "dtype": (lambda v: v in ("float32", "float64"), "'float32' or 'float64'"),
-    "random_state": (lambda v: v is None or _is_int(v, 0) or isinstance(v, np.random.Generator),
-                     "None, an int >= 0 or a numpy Generator"),
-    "n_threads": (lambda v: v is None or _is_int(v, 1), "None or an int >= 1"),
-}
 _STATS = ("V", "A", "B", "A_old", "B_old")
+_CONSTRAINTS = constraints()
 
 
-class OnlineINMF:
+class OnlineINMF(ParamsMixin):
     """Online integrative NMF: ``X_i ~ H_i (W + V_i)`` with W shared and V_i per dataset.
 
     Minimises ``sum_i ||X_i - H_i (W + V_i)||^2 + lam ||H_i V_i||^2`` over non-negative factors, streaming
@@ -97,6 +80,8 @@ class OnlineINMF:
     var_names_in_, feature_names_in_ : ndarray of str of shape (n_genes,) or None
     """
 
+    _constraints = _CONSTRAINTS
+
     def __init__(self, n_components: int = 20, *, lam: float = 5.0, batch_size: int = 5000, max_epochs: int = 5,
                  chunk_size: int = 1000, hals_iter: int = 1, h_sweeps: int = 10, dtype: str = "float32",
                  random_state: int | np.random.Generator | None = 1, n_threads: int | None = None):
@@ -110,36 +95,6 @@ class OnlineINMF:
         self.dtype = dtype
         self.random_state = random_state
         self.n_threads = n_threads
-
-    # ------------------------------------------------------------------ scikit-learn protocol
-    def get_params(self, deep: bool = True) -> dict:
-        """The constructor parameters (``deep`` is accepted for scikit-learn; there are no sub-estimators)."""
-        return {name: getattr(self, name) for name in _CONSTRAINTS}
-
-    def set_params(self, **params: Any) -> OnlineINMF:
-        """Set constructor parameters (validated at the next fit); returns self."""
-        unknown = sorted(set(params) - set(_CONSTRAINTS))
-        if unknown:
-            msg = f"set_params: expected parameters among {sorted(_CONSTRAINTS)}, found {unknown}"
-            raise InputError(msg)
-        for name, value in params.items():
-            setattr(self, name, value)
-        return self
-
-    def __repr__(self) -> str:
-        defaults = OnlineINMF.__init__.__kwdefaults__ | {"n_components": 20}
-        changed = [f"{k}={v!r}" for k, v in self.get_params().items() if not _same(v, defaults[k])]
-        return f"OnlineINMF({', '.join(changed)})"
-
-    def __sklearn_tags__(self):  # only scikit-learn calls this, so it is imported here
-        from sklearn.utils import InputTags, Tags, TargetTags, TransformerTags
-
-        return Tags(estimator_type=None, target_tags=TargetTags(required=False),
-                    transformer_tags=TransformerTags(preserves_dtype=[self.dtype]),
-                    input_tags=InputTags(sparse=True, positive_only=True))
-
-    def __sklearn_is_fitted__(self) -> bool:
-        return hasattr(self, "W_")
 
     # Properties raise AttributeError until fitted, so ``hasattr`` tells whether the model is fitted.
     @property
@@ -157,13 +112,6 @@ class OnlineINMF:
         return self.var_names_in_
 
     # ------------------------------------------------------------------ state
-    def _validate_params(self) -> None:
-        for name, (ok, expected) in _CONSTRAINTS.items():
-            value = getattr(self, name)
-            if not ok(value):
-                msg = f"The {name!r} parameter of OnlineINMF must be {expected}. Got {value!r} instead."
-                raise InputError(msg)
-
     @property
     def _dt(self) -> np.dtype:
         return np.dtype(self.dtype)
@@ -422,29 +370,6 @@ class OnlineINMF:
         V = None if dataset is None else self.V_[dataset]
         return _step.dataset_factors(self.W_, V, float(self.lam) if V is not None else 0.0)
 
-    def _h_blocks(self, blocks: Any, factors: _step.DatasetFactors, with_loss: bool):
-        """``(start, stop, H, loss)`` for each ``(start, stop, X)`` block; units solved on the executor's threads
-        while the main thread reads the next blocks (a few units in flight: memory stays bounded)."""
-        def tasks():
-            for start, stop, X in blocks:
-                X = X if isinstance(X, CsrRowRange) else X.astype(self._dt, copy=False)
-                units = _step.work_units(X)
-                for i, unit in enumerate(units):
-                    yield start, stop, i == len(units) - 1, unit
-
-        def solve(task):
-            start, stop, last, unit = task
-            return (start, stop, last, *_step.unit_h(unit, factors, self.h_sweeps, with_loss))
-
-        parts: list = []
-        with local_executor(self.n_threads) as executor:
-            for start, stop, last, H, loss in imap(executor, solve, tasks()):
-                parts.append((H, loss or 0.0))
-                if last:
-                    H = parts[0][0] if len(parts) == 1 else np.vstack([p[0] for p in parts])
-                    yield start, stop, H, sum(p[1] for p in parts)
-                    parts = []
-
     def transform(self, X: Any, *, dataset: str | None = None) -> np.ndarray:
         """H of the cells in ``X``, shape (n_cells, K); never changes the model.
 
@@ -457,7 +382,7 @@ class OnlineINMF:
         H = np.empty((X.shape[0], self.n_components), dtype=self._dt)
         blocks = ((a, min(a + 4 * _step.UNIT_ROWS, X.shape[0]), CsrRowRange(X, a, min(a + 4 * _step.UNIT_ROWS, X.shape[0])))
                   for a in range(0, X.shape[0], 4 * _step.UNIT_ROWS))
-        for start, stop, H_block, _ in self._h_blocks(blocks, factors, False):
+        for start, stop, H_block, _ in T.h_blocks(blocks, factors, self._dt, self.h_sweeps, self.n_threads, False):
             H[start:stop] = H_block
         return H
 
@@ -468,7 +393,8 @@ class OnlineINMF:
         self._check_genes(source.n_genes, T.gene_names(source), source.name)
         H = np.empty((source.n_cells, self.n_components), dtype=self._dt)
         total = 0.0
-        for start, stop, H_block, loss in self._h_blocks(source.iter_blocks(block_size), factors, with_objective):
+        for start, stop, H_block, loss in T.h_blocks(source.iter_blocks(block_size), factors, self._dt, self.h_sweeps,
+                                                                self.n_threads, with_objective):
             H[start:stop] = H_block
             total += loss
         return H, (total if with_objective else None)
@@ -478,9 +404,3 @@ class OnlineINMF:
         return sum(self.transform_source(s, dataset=s.name, block_size=block_size, with_objective=True)[1]
                    for s in T.as_sources(X))
 
-
-def _same(a: Any, b: Any) -> bool:
-    try:
-        return bool(a == b) and type(a) is type(b)
-    except (TypeError, ValueError):
-        return a is b
