@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 
 from .._errors import InputError
+from ._checks import string_array_length
 
 FORMATS = ("h5ad", "10x-v3", "10x-v2")
 
@@ -44,10 +45,14 @@ def open_h5(path) -> h5py.File:
 
 
 def detect_format(h5: h5py.File) -> str:
-    """Return ``"h5ad"``, ``"10x-v3"`` or ``"10x-v2"`` from the file's content (not its name)."""
-    if h5.attrs.get("encoding-type") == "anndata" or ("obs" in h5 and "var" in h5):
+    """Return ``"h5ad"``, ``"10x-v3"`` or ``"10x-v2"`` from the file's content (not its name).
+
+    Detection is lenient on purpose (an ``.h5ad`` missing ``var``, a 10x ``matrix`` missing ``features``): the
+    readers then name the missing piece, which says more than "not a known format".
+    """
+    if _decode(h5.attrs.get("encoding-type")) == "anndata" or ("obs" in h5 and "var" in h5):
         return "h5ad"
-    if isinstance(h5.get("matrix"), h5py.Group) and "features" in h5["matrix"]:
+    if isinstance(h5.get("matrix"), h5py.Group):
         return "10x-v3"
     if tenx_v2_genomes(h5):
         return "10x-v2"
@@ -61,8 +66,12 @@ def tenx_v2_genomes(h5: h5py.File) -> list[str]:
     return [
         key
         for key, item in h5.items()
-        if isinstance(item, h5py.Group) and {"data", "indices", "indptr", "shape", "barcodes"} <= set(item.keys())
+        if isinstance(item, h5py.Group) and {"data", "indices", "indptr"} <= set(item.keys())
     ]
+
+
+def _decode(value) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def read_strings(dataset: h5py.Dataset, sel=()) -> np.ndarray:
@@ -79,54 +88,131 @@ def read_strings(dataset: h5py.Dataset, sel=()) -> np.ndarray:
     return np.asarray(values, dtype=object).astype(str)
 
 
+def _index_key(element: h5py.Group, group_name: str) -> str:
+    key = element.attrs.get("_index", "_index")
+    if isinstance(key, bytes):
+        key = key.decode()
+    if not isinstance(key, str):
+        msg = f"{element.file.filename}: expected the _index attribute of {group_name} to name its index, found {key!r}"
+        raise InputError(msg)
+    return key
+
+
+def dataframe(h5: h5py.File, group_name: str) -> h5py.Group | h5py.Dataset:
+    """The anndata dataframe ``group_name`` (a group; a compound dataset before anndata 0.7), checked."""
+    element = h5.get(group_name)
+    if isinstance(element, h5py.Dataset) and element.dtype.names is not None and "index" in element.dtype.names:
+        return element
+    if not isinstance(element, h5py.Group):
+        found = "none" if element is None else f"a dataset of dtype {element.dtype}"
+        msg = f"{h5.filename}: expected a dataframe {group_name} (cell or gene annotations), found {found}"
+        raise InputError(msg)
+    return element
+
+
+def index_length(h5: h5py.File, group_name: str) -> int:
+    """Number of rows of the anndata dataframe ``group_name``, from its index's metadata (nothing read)."""
+    element = dataframe(h5, group_name)
+    if isinstance(element, h5py.Dataset):
+        if element.ndim != 1:
+            msg = f"{h5.filename}: expected {group_name} to be 1-D, found {element.ndim} dimension(s)"
+            raise InputError(msg)
+        return element.shape[0]
+    key = _index_key(element, group_name)
+    if key not in element:
+        msg = f"{h5.filename}: expected the index dataset {group_name}/{key}, found none"
+        raise InputError(msg)
+    return string_array_length(element, key)
+
+
 def read_index(h5: h5py.File, group_name: str) -> np.ndarray:
     """The index (names) of an anndata dataframe ``obs``/``var``/``raw/var``, as a str array."""
+    index_length(h5, group_name)  # checks it is there, 1-D, of names
     element = h5[group_name]
-    if isinstance(element, h5py.Dataset):  # anndata < 0.7: a compound (record) dataset
-        return np.asarray(element["index"], dtype=object).astype(str)
-    index_key = element.attrs.get("_index", "_index")
-    if isinstance(index_key, bytes):
-        index_key = index_key.decode()
-    if index_key not in element:
-        msg = f"{h5.filename}: expected the index dataset {group_name}/{index_key}, found none"
-        raise InputError(msg)
-    return read_strings(element[index_key])
+    try:
+        if isinstance(element, h5py.Dataset):  # anndata < 0.7: a compound (record) dataset
+            return np.asarray(element["index"], dtype=object).astype(str)
+        return read_strings(element[_index_key(element, group_name)])
+    except OSError as exc:
+        msg = f"{h5.filename}: could not read the index of {group_name} (damaged or truncated file?): {exc}"
+        raise InputError(msg) from None
 
 
 def dataframe_columns(h5: h5py.File, group_name: str = "obs") -> list[str]:
     """Column names of an anndata dataframe, in stored order (the index excluded)."""
-    element = h5[group_name]
+    element = dataframe(h5, group_name)
     if isinstance(element, h5py.Dataset):
         return [name for name in element.dtype.names if name != "index"]
-    order = element.attrs.get("column-order")
-    if order is not None and len(order):
-        return [c.decode() if isinstance(c, bytes) else str(c) for c in np.atleast_1d(order)]
+    order = np.atleast_1d(element.attrs.get("column-order", []))
+    if order.size:
+        return [_decode(c) for c in order.ravel()]
     index_key = element.attrs.get("_index", "_index")
     return [k for k in element.keys() if k not in (index_key, "__categories")]
 
 
-def read_column(h5: h5py.File, key: str, group_name: str = "obs"):
+def read_column(h5: h5py.File, key: str, group_name: str = "obs", *, n_rows: int | None = None):
     """One dataframe column as a :class:`pandas.Categorical` (categorical/string columns) or a numpy array.
 
     Handles anndata >= 0.8 (categorical group with ``codes``/``categories``), anndata 0.7 (codes dataset whose
     ``categories`` attribute references ``__categories/<key>``) and anndata < 0.7 (compound dataset).
+    A column that cannot be read as 1-D values of ``n_rows`` cells (missing, damaged, codes outside their
+    categories, ...) raises :class:`InputError` naming it.
     """
-    element = h5[group_name]
+    try:
+        column = _read_column(h5, key, group_name)
+    except InputError:
+        raise
+    except MemoryError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a damaged column can fail in h5py, numpy, pandas or anndata
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        msg = f"{h5.filename}: could not read {group_name} column {key!r}: {reason}"
+        raise InputError(msg) from None
+    if np.ndim(column) != 1 or (n_rows is not None and len(column) != n_rows):
+        found = f"shape {np.shape(column)}"
+        msg = f"{h5.filename}: expected {group_name} column {key!r} to hold {n_rows if n_rows is not None else 'one value per'} cells, found {found}"
+        raise InputError(msg)
+    return column
+
+
+def _categorical(h5, where: str, codes, categories, ordered=False) -> pd.Categorical:
+    codes = np.asarray(codes)
+    if codes.ndim != 1 or codes.dtype.kind not in "iu":
+        msg = f"{h5.filename}: expected the codes of {where} to be 1-D integers, found dtype {codes.dtype} with shape {codes.shape}"
+        raise InputError(msg)
+    categories = np.asarray(categories)
+    if categories.ndim != 1:
+        msg = f"{h5.filename}: expected the categories of {where} to be 1-D, found shape {categories.shape}"
+        raise InputError(msg)
+    if pd.Index(categories).has_duplicates:
+        msg = f"{h5.filename}: expected unique categories in {where}, found duplicates such as {duplicates(categories, 1)[0]!r}"
+        raise InputError(msg)
+    if codes.size and (codes.min() < -1 or codes.max() >= len(categories)):
+        bad = codes.min() if codes.min() < -1 else codes.max()
+        msg = f"{h5.filename}: expected the codes of {where} within -1:{len(categories)} ({len(categories)} categories), found {bad}"
+        raise InputError(msg)
+    return pd.Categorical.from_codes(codes, categories=categories, ordered=bool(ordered))
+
+
+def _read_column(h5: h5py.File, key: str, group_name: str):
+    element = dataframe(h5, group_name)
     if isinstance(element, h5py.Dataset):  # anndata < 0.7
         values = element[key]
         categories = h5.get(f"uns/{key}_categories")
         if categories is not None:
-            return pd.Categorical.from_codes(values, categories=read_strings(categories))
+            return _categorical(h5, f"{group_name}/{key}", values, read_strings(categories))
         return _as_column(values)
-    item = element[key]
+    item = element.get(key)
+    if item is None:
+        msg = f"{h5.filename}: expected {group_name} column {key!r} (listed in column-order), found none"
+        raise InputError(msg)
+    where = f"{group_name}/{key}"
     if isinstance(item, h5py.Dataset) and "categories" in item.attrs:  # anndata 0.7
         categories = read_strings(h5[item.attrs["categories"]])
-        ordered = bool(item.attrs.get("ordered", False))
-        return pd.Categorical.from_codes(item[()], categories=categories, ordered=ordered)
-    if isinstance(item, h5py.Group) and item.attrs.get("encoding-type") == "categorical":
+        return _categorical(h5, where, item[()], categories, item.attrs.get("ordered", False))
+    if isinstance(item, h5py.Group) and _decode(item.attrs.get("encoding-type")) == "categorical":
         categories = read_strings(item["categories"])
-        ordered = bool(item.attrs.get("ordered", False))
-        return pd.Categorical.from_codes(item["codes"][()], categories=categories, ordered=ordered)
+        return _categorical(h5, where, item["codes"][()], categories, item.attrs.get("ordered", False))
     if isinstance(item, h5py.Group):  # nullable integer/boolean/string arrays and later encodings
         from anndata.io import read_elem
 

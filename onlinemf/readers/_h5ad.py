@@ -10,9 +10,10 @@ import numpy as np
 import scipy.sparse as sp
 
 from .._errors import InputError
-from .._source import Source, _check_range, check_values
+from .._source import Source, _check_range, check_indices, check_values
+from ._checks import check_compressed, read_shape
 from ._csc import ConvertedCsc
-from ._h5 import detect_format, duplicates, open_h5, read_index
+from ._h5 import detect_format, duplicates, index_length, open_h5, read_index
 from ._rows import CsrRows, DenseRows, read_rows
 
 logger = logging.getLogger(__name__)
@@ -35,16 +36,18 @@ def matrix_encoding(element) -> str:
 
 
 def matrix_shape(element) -> tuple[int, int]:
+    """(cells, genes) of an anndata matrix element: a dense dataset's shape, or a sparse group's ``shape`` attribute."""
     if isinstance(element, h5py.Dataset):
         if element.ndim != 2:
             msg = f"{element.file.filename}: expected {element.name} to be 2-D, found {element.ndim} dimension(s)"
             raise InputError(msg)
         return int(element.shape[0]), int(element.shape[1])
-    shape = element.attrs.get("shape", element.attrs.get("h5sparse_shape"))
-    return int(shape[0]), int(shape[1])
+    key = "shape" if "shape" in element.attrs else "h5sparse_shape"
+    return read_shape(element.attrs.get(key), element.file.filename, f"the {key} attribute of {element.name.lstrip('/')}")
 
 
 def layer_names(h5: h5py.File) -> list[str]:
+    """Names of the layers of an ``.h5ad`` (none when ``layers`` is absent or not a group)."""
     layers = h5.get("layers")
     return sorted(layers.keys()) if isinstance(layers, h5py.Group) else []
 
@@ -56,7 +59,7 @@ def locate_matrix(h5: h5py.File, *, layer: str | None, use_raw: bool) -> tuple[s
         msg = f"{path}: expected either layer= or use_raw=True, found both (layer {layer!r})"
         raise InputError(msg)
     if use_raw:
-        if "raw" not in h5 or "X" not in h5["raw"]:
+        if not isinstance(h5.get("raw"), h5py.Group) or "X" not in h5["raw"]:
             msg = f"{path}: expected a raw/X matrix (use_raw=True), found no raw"
             raise InputError(msg)
         return "raw/X", "raw/var"
@@ -116,18 +119,19 @@ class H5adSource(Source):
     and checked (finite, non-negative). The file is opened read-only without HDF5 file locking.
     """
 
-    def __init__(self, path, *, layer=None, use_raw=False, rows=None, name=None, tmp_dir=None, progress=None, _converted=None):
+    def __init__(self, path, *, layer=None, use_raw=False, rows=None, name=None, tmp_dir=None, progress=None, _converted=None,
+                 _indptr=None):
         self.path = Path(path)
         self.name = str(name) if name is not None else self.path.stem
         self._converted = None
         self._h5 = open_h5(self.path)
         try:
-            self._setup(layer, use_raw, rows, tmp_dir, progress, _converted)
+            self._setup(layer, use_raw, rows, tmp_dir, progress, _converted, _indptr)
         except BaseException:
             self.close()
             raise
 
-    def _setup(self, layer, use_raw, rows, tmp_dir, progress, converted) -> None:
+    def _setup(self, layer, use_raw, rows, tmp_dir, progress, converted, indptr) -> None:
         h5 = self._h5
         if detect_format(h5) != "h5ad":
             msg = f"{self.path}: expected an AnnData .h5ad, found a 10x Genomics .h5 (use TenxH5Source or open_source)"
@@ -137,10 +141,16 @@ class H5adSource(Source):
         self.encoding = matrix_encoding(element)
         shape = matrix_shape(element)
         self._label = f"{self.path} ({self.element})"
-        dtype = element.dtype if isinstance(element, h5py.Dataset) else element["data"].dtype
-        check_numeric(dtype, self._label)
+        data = element if self.encoding == "dense" else element.get("data")
+        if isinstance(data, h5py.Dataset):
+            check_numeric(data.dtype, self._label)
         if shape[0] == 0 or shape[1] == 0:
             msg = f"{self._label}: expected a non-empty matrix, found shape {shape[0]} cells x {shape[1]} genes"
+            raise InputError(msg)
+        # Structure before any pass over the data: names for every row and column, consistent pointers.
+        n_obs = index_length(h5, "obs")
+        if n_obs != shape[0]:
+            msg = f"{self._label}: expected {shape[0]} cell names in obs (one per row), found {n_obs}"
             raise InputError(msg)
         self._var = read_index(h5, var_group)
         if len(self._var) != shape[1]:
@@ -150,12 +160,22 @@ class H5adSource(Source):
         if dups:
             msg = f"{self._label}: expected unique gene names, found duplicates such as {', '.join(dups)}"
             raise InputError(msg)
+        self._indptr = None
         if self.encoding == "csr":
-            self._reader = CsrRows(element["data"], element["indices"], element["indptr"], shape)
+            self._indptr = indptr if indptr is not None else check_compressed(element, shape[0], "cells")
+            self._reader = CsrRows(element["data"], element["indices"], self._indptr, shape)
         elif self.encoding == "dense":
             self._reader = DenseRows(element)
+        elif converted is not None:
+            self._converted = converted.acquire()
+            self._reader = self._converted.rows
         else:
-            self._converted = converted.acquire() if converted is not None else ConvertedCsc(element, shape, tmp_dir=tmp_dir, progress=progress)
+            check_compressed(element, shape[1], "genes")
+            try:
+                self._converted = ConvertedCsc(element, shape, tmp_dir=tmp_dir, progress=progress)
+            except OSError as exc:
+                msg = f"{self._label}: could not convert the CSC matrix (damaged or truncated file?): {exc}"
+                raise InputError(msg) from None
             self._reader = self._converted.rows
         self._rows = None if rows is None else check_rows(rows, shape[0], self._label)
         if self._rows is not None and len(self._rows) == 0:
@@ -193,6 +213,7 @@ class H5adSource(Source):
         except OSError as exc:
             msg = f"{self._label}: could not read cells {start}:{stop} (damaged or truncated file?): {exc}"
             raise InputError(msg) from None
+        check_indices(block.indices, block.shape[1], self._label)
         block.sum_duplicates()  # also sorts indices
         check_values(block.data, self._label)
         return block
@@ -259,6 +280,7 @@ def iter_split_blocks(sources, block_size: int):
         except OSError as exc:
             msg = f"{first._label}: could not read cells {union[lo]}:{union[hi - 1] + 1} (damaged or truncated file?): {exc}"
             raise InputError(msg) from None
+        check_indices(block.indices, block.shape[1], first._label)
         block.sum_duplicates()
         check_values(block.data, first._label)
         own = owner[lo:hi]

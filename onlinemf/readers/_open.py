@@ -14,17 +14,18 @@ import scipy.sparse as sp
 
 from .._errors import InputError
 from .._source import MemorySource, Source
+from ._checks import read_shape, require_array
 from ._h5 import (
     dataframe_columns,
     detect_format,
     duplicates,
+    index_length,
     make_unique,
     n_categories,
     open_h5,
     read_column,
     read_index,
     read_strings,
-    tenx_v2_genomes,
 )
 from ._h5ad import H5adSource, layer_names, matrix_encoding, matrix_shape
 from ._tenx import TenxH5Source, tenx_layout
@@ -82,7 +83,7 @@ def batch_rows(path, batch_key: str) -> list[tuple[str, np.ndarray]]:
         if batch_key not in columns:
             msg = f"{path}: unknown batch key {batch_key!r}; obs columns are: {', '.join(columns) or 'none'}"
             raise InputError(msg)
-        column = read_column(h5, batch_key)
+        column = read_column(h5, batch_key, n_rows=index_length(h5, "obs"))
     if not isinstance(column, pd.Categorical):
         column = pd.Categorical(column)
     codes = np.asarray(column.codes)
@@ -130,8 +131,9 @@ def open_sources(paths, *, batch_key=None, layer=None, use_raw=False, genome=Non
             prefix = f"{stem}:" if len(paths) > 1 else ""
             first = H5adSource(path, layer=layer, use_raw=use_raw, rows=batches[0][1], name=prefix + batches[0][0], tmp_dir=tmp_dir, progress=progress)
             sources.append(first)
-            for category, rows in batches[1:]:  # share one CSC->CSR conversion between the splits
-                sources.append(H5adSource(path, layer=layer, use_raw=use_raw, rows=rows, name=prefix + category, _converted=first._converted))
+            for category, rows in batches[1:]:  # share one CSC->CSR conversion (or one checked indptr) between the splits
+                sources.append(H5adSource(path, layer=layer, use_raw=use_raw, rows=rows, name=prefix + category,
+                                          _converted=first._converted, _indptr=first._indptr))
     except BaseException:
         for source in sources:
             source.close()
@@ -140,29 +142,56 @@ def open_sources(paths, *, batch_key=None, layer=None, use_raw=False, genome=Non
 
 
 def read_obs(path) -> pd.DataFrame:
-    """The ``obs`` dataframe of an ``.h5ad`` (without reading X); for a 10x file, the barcodes only."""
+    """The ``obs`` dataframe of an ``.h5ad`` (without reading X); for a 10x file, the barcodes only.
+
+    The cell names must be readable; a column that cannot be read (damaged, of another length, codes outside
+    their categories, an encoding this anndata does not know) is left out with a one-line warning naming it:
+    a run never fails for a column it does not use.
+    """
     with open_h5(path) as h5:
         fmt = detect_format(h5)
         if fmt != "h5ad":
             group = _tenx_any_layout(h5)["group"]
-            return pd.DataFrame(index=pd.Index(read_strings(group["barcodes"]), name="barcode"))
-        if isinstance(h5["obs"], h5py.Dataset):  # anndata < 0.7
-            return pd.DataFrame({c: read_column(h5, c) for c in dataframe_columns(h5)}, index=read_index(h5, "obs"))
-        from anndata.io import read_elem
+            return pd.DataFrame(index=pd.Index(read_strings(require_array(group, "barcodes", "names")), name="barcode"))
+        index = read_index(h5, "obs")
+        element = h5["obs"]
+        index_name = None
+        if isinstance(element, h5py.Group) and element.attrs.get("_index", "_index") not in ("_index", b"_index"):
+            index_name = str(element.attrs["_index"])
+        columns = {}
+        for column in dataframe_columns(h5, "obs"):
+            try:
+                columns[column] = _obs_column(h5, column, len(index))
+            except InputError as err:
+                logger.warning("%s (left out of the results)", err)
+        return pd.DataFrame(columns, index=pd.Index(index, name=index_name))
 
-        return read_elem(h5["obs"])
+
+def _obs_column(h5: h5py.File, column: str, n_rows: int):
+    """One obs column as anndata reads it (its own dtype: nullable, categorical, strings), checked."""
+    element = h5["obs"]
+    item = element.get(column) if isinstance(element, h5py.Group) else None
+    if item is None or "encoding-type" not in item.attrs:  # anndata < 0.8 layouts, or missing
+        return read_column(h5, column, n_rows=n_rows)
+    from anndata.io import read_elem
+
+    try:
+        values = read_elem(item)
+    except MemoryError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a damaged column fails in h5py, numpy, pandas or anndata, in many ways
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        msg = f"{h5.filename}: could not read obs column {column!r}: {reason}"
+        raise InputError(msg) from None
+    if np.ndim(values) != 1 or len(values) != n_rows:
+        msg = f"{h5.filename}: expected obs column {column!r} to hold {n_rows} cells, found shape {np.shape(values)}"
+        raise InputError(msg)
+    return values
 
 
 def _tenx_any_layout(h5) -> dict:
     """The 10x layout, of the first genome when there are several (for summaries)."""
-    try:
-        return tenx_layout(h5)
-    except InputError:
-        if detect_format(h5) == "10x-v2":
-            genomes = tenx_v2_genomes(h5)
-        else:
-            genomes = list(dict.fromkeys(read_strings(h5["matrix/features/genome"]).tolist()))
-        return tenx_layout(h5, genomes[0])
+    return tenx_layout(h5, first_genome=True)
 
 
 def describe(path) -> dict:
@@ -179,24 +208,39 @@ def describe(path) -> dict:
     with open_h5(path) as h5:
         fmt = detect_format(h5)
         if fmt == "h5ad":
-            info = {"format": fmt, "layers": layer_names(h5), "has_raw": "raw" in h5 and "X" in h5["raw"], "genomes": []}
+            raw = h5.get("raw")
+            info = {"format": fmt, "layers": layer_names(h5), "has_raw": isinstance(raw, h5py.Group) and "X" in raw, "genomes": []}
+            n_obs = index_length(h5, "obs")
             if "X" in h5:
                 element = h5["X"]
                 n_cells, n_genes = matrix_shape(element)
                 encoding = matrix_encoding(element)
-                dtype = element.dtype if encoding == "dense" else element["data"].dtype
+                data = element if encoding == "dense" else element.get("data")
+                dtype = data.dtype if isinstance(data, h5py.Dataset) else None
             else:
-                n_cells, n_genes, encoding, dtype = len(read_index(h5, "obs")), len(read_index(h5, "var")), None, None
-            info["obs_columns"] = {c: n_categories(read_column(h5, c)) for c in dataframe_columns(h5, "obs")}
+                n_cells, n_genes, encoding, dtype = n_obs, index_length(h5, "var"), None, None
+            info["obs_columns"] = _obs_categories(h5, n_obs)
         else:
             layout = _tenx_any_layout(h5)
             group = layout["group"]
-            n_cells = int(group["shape"][1])
+            _, n_cells = read_shape(require_array(group, "shape", "integer")[()], str(path), f"{group.name}/shape")
             n_genes = int(layout["keep"].sum()) if layout["keep"] is not None else len(layout["names"])
-            encoding, dtype = "csc (genes x cells)", group["data"].dtype
+            data = group.get("data")
+            encoding, dtype = "csc (genes x cells)", data.dtype if isinstance(data, h5py.Dataset) else None
             info = {"format": fmt, "layers": [], "has_raw": False, "obs_columns": {}, "genomes": layout["genomes"]}
         info.update(n_cells=int(n_cells), n_genes=int(n_genes), encoding=encoding, dtype=None if dtype is None else str(dtype))
         return info
+
+
+def _obs_categories(h5: h5py.File, n_cells: int) -> dict:
+    """obs column -> number of categories (None for numeric columns); unreadable columns are left out."""
+    out = {}
+    for column in dataframe_columns(h5, "obs"):
+        try:
+            out[column] = n_categories(read_column(h5, column, n_rows=n_cells))
+        except InputError as err:
+            logger.info("%s; not considered as a batch column", err)
+    return out
 
 
 def guess_batch_key(obs_columns: Mapping[str, int | None], n_cells: int) -> str | None:

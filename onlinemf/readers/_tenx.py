@@ -5,12 +5,27 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+import h5py
 import numpy as np
 import scipy.sparse as sp
 
 from .._errors import InputError
-from .._source import Source, _check_range, check_values
-from ._h5 import detect_format, duplicates, make_unique, open_h5, read_strings, tenx_v2_genomes
+from .._source import Source, _check_range, check_indices, check_values
+from ._checks import (
+    check_compressed,
+    expect_length,
+    read_shape,
+    require_array,
+    require_group,
+)
+from ._h5 import (
+    detect_format,
+    duplicates,
+    make_unique,
+    open_h5,
+    read_strings,
+    tenx_v2_genomes,
+)
 from ._h5ad import check_numeric
 from ._rows import CsrRows, read_rows
 
@@ -19,26 +34,29 @@ logger = logging.getLogger(__name__)
 GENE_EXPRESSION = "Gene Expression"
 
 
-def tenx_layout(h5, genome: str | None = None) -> dict:
+def tenx_layout(h5, genome: str | None = None, *, first_genome: bool = False) -> dict:
     """Locate the matrix of a 10x file and the features to keep.
 
     Returns a dict with ``format`` ("10x-v3"/"10x-v2"), ``group`` (h5py group), ``genomes`` (all genomes
     found, list of str), ``names`` and ``ids`` (str arrays over all features, ids may be None) and
     ``keep`` (bool array over features, or None to keep all). Raises :class:`InputError` when several
-    genomes are present and ``genome`` does not pick one.
+    genomes are present and ``genome`` does not pick one (unless ``first_genome``: then the first), or when a feature array is missing, not 1-D
+    strings, or of another length than the names.
     """
     path = h5.filename
     fmt = detect_format(h5)
     if fmt == "10x-v3":
-        group = h5["matrix"]
-        features = group["features"]
-        names = read_strings(features["name"])
-        ids = read_strings(features["id"]) if "id" in features else None
+        group = require_group(h5, "matrix")
+        features = require_group(group, "features")
+        names = _feature_strings(features, "name")
+        ids = _feature_strings(features, "id", len(names)) if "id" in features else None
         keep = np.ones(len(names), dtype=bool)
         if "feature_type" in features:
-            keep &= read_strings(features["feature_type"]) == GENE_EXPRESSION
-        genome_of = read_strings(features["genome"]) if "genome" in features else None
+            keep &= _feature_strings(features, "feature_type", len(names)) == GENE_EXPRESSION
+        genome_of = _feature_strings(features, "genome", len(names)) if "genome" in features else None
         genomes = list(dict.fromkeys(genome_of[keep].tolist())) if genome_of is not None else []
+        if genome is None and first_genome and genomes:
+            genome = genomes[0]
         if len(genomes) > 1 or genome is not None:
             _check_genome(path, genomes, genome)
             if genome_of is not None:
@@ -46,15 +64,25 @@ def tenx_layout(h5, genome: str | None = None) -> dict:
         return {"format": fmt, "group": group, "genomes": genomes, "names": names, "ids": ids, "keep": None if keep.all() else keep}
     if fmt == "10x-v2":
         genomes = tenx_v2_genomes(h5)
+        if genome is None and first_genome:
+            genome = genomes[0]
         if len(genomes) > 1 or genome is not None:
             _check_genome(path, genomes, genome)
         group = h5[genome if genome is not None else genomes[0]]
         names_key = "gene_names" if "gene_names" in group else "genes"
-        names = read_strings(group[names_key])
-        ids = read_strings(group["genes"]) if "genes" in group else None
+        names = _feature_strings(group, names_key)
+        ids = _feature_strings(group, "genes", len(names)) if "genes" in group else None
         return {"format": fmt, "group": group, "genomes": genomes, "names": names, "ids": ids, "keep": None}
     msg = f"{path}: expected a 10x Genomics .h5, found an AnnData .h5ad (use H5adSource or open_source)"
     raise InputError(msg)
+
+
+def _feature_strings(group, key: str, n: int | None = None) -> np.ndarray:
+    """A 1-D string array of the features (checked: present, strings, ``n`` long when given), decoded."""
+    dataset = require_array(group, key, "string")
+    if n is not None:
+        expect_length(dataset.shape[0], n, group, key, "values (one per feature)")
+    return read_strings(dataset)
 
 
 def _check_genome(path, genomes: list[str], genome: str | None) -> None:
@@ -103,23 +131,29 @@ class TenxH5Source(Source):
         self.genome = genome if genome is not None else (self.genomes[0] if len(self.genomes) == 1 else None)
         group, keep = layout["group"], layout["keep"]
         self._label = f"{self.path} ({group.name})"
-        check_numeric(group["data"].dtype, self._label)
-        n_features, n_cells = (int(v) for v in group["shape"][()])
-        self._kept = None if keep is None else np.flatnonzero(keep)
+        data = group.get("data")
+        if isinstance(data, h5py.Dataset):
+            check_numeric(data.dtype, self._label)
+        # Structure before any pass over the data: the declared shape against the names and the pointers.
+        n_features, n_cells = read_shape(require_array(group, "shape", "integer")[()], self.path, f"{group.name}/shape")
         names, ids = layout["names"], layout["ids"]
+        expect_length(len(names), n_features, group, "shape", "features (the shape's first value)")
+        self._barcodes = require_array(group, "barcodes", "names")
+        expect_length(self._barcodes.shape[0], n_cells, group, "barcodes", "barcodes (the shape's second value)")
+        self._kept = None if keep is None else np.flatnonzero(keep)
         if self._kept is not None:
             names = names[self._kept]
             ids = ids[self._kept] if ids is not None else None
         if n_cells == 0 or len(names) == 0:
             msg = f"{self._label}: expected a non-empty matrix, found {n_cells} cells x {len(names)} genes"
             raise InputError(msg)
+        indptr = check_compressed(group, n_cells, "cells")
         self.gene_symbols, self.gene_ids = names, ids
         dups = duplicates(names)
         if dups:
             logger.warning("%s: duplicated gene names made unique with -1, -2, ... suffixes (e.g. %s)", self._label, ", ".join(dups))
         self._var = make_unique(names)
-        self._reader = CsrRows(group["data"], group["indices"], group["indptr"], (n_cells, n_features))
-        self._barcodes = group["barcodes"]
+        self._reader = CsrRows(group["data"], group["indices"], indptr, (n_cells, n_features))
         self._obs = None
 
     @property
@@ -143,6 +177,7 @@ class TenxH5Source(Source):
         except OSError as exc:
             msg = f"{self._label}: could not read cells {start}:{stop} (damaged or truncated file?): {exc}"
             raise InputError(msg) from None
+        check_indices(block.indices, block.shape[1], self._label)  # before the column selection's kernel
         if self._kept is not None:
             block = block[:, self._kept]
         block.sum_duplicates()
