@@ -134,3 +134,31 @@ def test_default_outputs_go_to_the_current_folder(tmp_path, monkeypatch):
     assert result.exit_code == 0, result.output
     assert sorted(p.name for p in work.iterdir()) == ["tiny_inmf.h5ad", "tiny_model.h5"]
     assert sorted(p.name for p in data.iterdir()) == ["tiny.h5ad"]
+
+
+def test_seed_reaches_postprocessing(split_tiny, tmp_path, monkeypatch):
+    """--seed seeds quantile normalisation, Leiden and UMAP (UMAP's seed was fixed at 42); update and project
+    use the model's seed unless given one."""
+    from onlinemf import postprocess
+
+    seen = []
+    real_qn = postprocess.quantile_norm
+
+    def quantile_norm(H, datasets, *, random_state=None, **kw):
+        seen.append(("quantile_norm", random_state))
+        return real_qn(H, datasets, random_state=random_state, **kw)
+
+    monkeypatch.setattr(postprocess, "quantile_norm", quantile_norm)
+    monkeypatch.setattr(postprocess, "cluster_leiden", lambda X, *, random_state=None, **kw: seen.append(("leiden", random_state)) or (X.argmax(axis=1)))
+    monkeypatch.setattr(postprocess, "run_umap", lambda X, *, random_state=None, **kw: seen.append(("umap", random_state)) or X[:, :2])
+    fast = [a for a in FAST if a != "--no-umap"]
+    model = tmp_path / "m.h5"
+    assert run(["fit", split_tiny["ctrl"], "-o", tmp_path / "f.h5ad", "--model", model, *fast, "--seed", "3"]).exit_code == 0
+    assert seen == [("quantile_norm", 3), ("leiden", 3), ("umap", 3)]
+    seen.clear()
+    assert run(["project", model, split_tiny["stim"], "-o", tmp_path / "p.h5ad", "--quiet"]).exit_code == 0
+    assert seen == [("quantile_norm", 3), ("leiden", 3), ("umap", 3)]
+    seen.clear()
+    assert run(["project", model, split_tiny["stim"], "-o", tmp_path / "p2.h5ad", "--quiet", "--seed", "9"]).exit_code == 0
+    assert seen == [("quantile_norm", 9), ("leiden", 9), ("umap", 9)]
+    assert ad.read_h5ad(tmp_path / "p2.h5ad").uns["inmf"]["params"]["postprocess_seed"] == 9
