@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
+from typing import Any
 
 import h5py
 import numpy as np
@@ -18,16 +20,28 @@ def _is_model(path: Path) -> bool:
         return False
 
 
-def describe_path(path, *, batch_key=None) -> str:
-    """One screenful about ``path``: format, cells, genes, layers, batches (or a model's contents)."""
+def describe_path(path: str | os.PathLike, *, batch_key: str | None = None) -> str:
+    """One screenful about ``path``: format, cells, genes, layers, batches (or a model's contents).
+
+    Parameters
+    ----------
+    path : path
+        An ``.h5ad``, a 10x ``.h5`` or an onlinemf model file.
+    batch_key : str or None
+        Also list the categories of this obs column and their cell counts.
+
+    Returns
+    -------
+    str
+        Lines of ``name  value``.
+    """
     path = Path(path)
     if not path.exists():
         msg = f"{path}: file not found"
         raise InputError(msg)
     if _is_model(path):
         return _describe_model(path)
-    from .readers import describe
-    from .readers._open import batch_rows
+    from .readers import batch_rows, describe
 
     info = describe(path)
     lines = [f"file      {path}", f"format    {info['format']}", f"cells     {info['n_cells']:,}", f"genes     {info['n_genes']:,}"]
@@ -74,8 +88,24 @@ def _describe_model(path: Path) -> str:
     return "\n".join(lines)
 
 
-def evaluate_results(path, *, batch_key="inmf_dataset", label_key=None) -> dict:
-    """Alignment (LIGER), and ARI/NMI of ``inmf_cluster`` against ``label_key`` for a results file."""
+def evaluate_results(path: str | os.PathLike, *, batch_key: str = "inmf_dataset",
+                     label_key: str | None = None) -> dict[str, Any]:
+    """Alignment (LIGER), and ARI/NMI of ``inmf_cluster`` against ``label_key`` for a results file.
+
+    Parameters
+    ----------
+    path : path
+        A results ``.h5ad`` written by ``onlinemf fit``, ``update`` or ``project``.
+    batch_key : str
+        obs column of the datasets.
+    label_key : str or None
+        obs column of known cell labels, for ARI and NMI.
+
+    Returns
+    -------
+    dict
+        Metric name -> value, as :func:`onlinemf.metrics.evaluate` returns.
+    """
     import anndata as ad
 
     from . import _keys
@@ -85,7 +115,7 @@ def evaluate_results(path, *, batch_key="inmf_dataset", label_key=None) -> dict:
     if not path.exists():
         msg = f"{path}: file not found"
         raise InputError(msg)
-    from .readers._h5 import open_h5
+    from .readers import open_h5
 
     with open_h5(path) as h5:  # clear errors for files that are not HDF5 or not AnnData
         is_results = "obsm" in h5 and _keys.OBSM_H in h5["obsm"] and "obs" in h5

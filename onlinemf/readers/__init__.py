@@ -1,6 +1,7 @@
 """Readers: stream cells x genes row blocks from .h5ad, 10x .h5 and in-memory data."""
 
 from .._source import MemorySource, Source, check_values
+from ._h5 import open_h5
 from ._h5ad import H5adSource, iter_split_blocks, split_groups
 from ._open import (
     BATCH_KEY_CANDIDATES,
@@ -29,6 +30,7 @@ __all__ = [
     "file_format",
     "guess_batch_key",
     "iter_split_blocks",
+    "open_h5",
     "open_source",
     "open_sources",
     "read_obs",
