@@ -3,7 +3,7 @@
 Usage (from the repository root, with the project's venv)::
 
     .venv/bin/python benchmarks/bench_mapping.py                          # 3 datasets, seeds 1-5, all variants
-    .venv/bin/python benchmarks/bench_mapping.py --datasets cellbench5 --seeds 1 --variants qnorm-euclid
+    .venv/bin/python benchmarks/bench_mapping.py --datasets cellbench5 --seeds 1 --variants qnorm-euclidean
     .venv/bin/python benchmarks/bench_mapping.py --novel                  # + a cell type absent from the reference
     .venv/bin/python benchmarks/bench_mapping.py --pyliger                # + pyliger 0.2.4's projection, same vote
 
@@ -13,12 +13,14 @@ quantile-normalised (``postprocess.quantile_norm``) and the reference quantiles 
 (``mapping.reference_quantiles``). The held-out batch is prepared on the model's genes and projected on W
 (V = 0, as ``onlinemf project``), then labelled by one of these variants:
 
-* ``qnorm-euclid`` (the shipped one): query H aligned with the stored reference quantiles
+* ``qnorm-euclidean``: query H aligned with the stored reference quantiles
   (``mapping.align_to_reference``), Euclidean kNN vote among the reference's normalised H;
 * ``qnorm-cosine``: the same alignment, cosine kNN;
+* ``qnorm-scaled-cosine``: the same alignment; query and reference normalised H both divided per factor by
+  the factor's RMS over the reference's normalised H, cosine kNN;
 * ``raw-scaled-cosine``: no quantile alignment; every dataset's raw H divided per factor by its RMS within
   that dataset, cosine kNN against the reference's scaled raw H;
-* ``raw-cosine``: raw H, cosine kNN.
+* ``raw-cosine`` (what ``onlinemf project --reference`` does): raw H, cosine kNN.
 
 Scores against the held-out batch's ``obs['cell_type']``: accuracy, macro-F1, and calibration: accuracy of the
 cells whose confidence falls in each tenth 0-0.1, ..., 0.9-1.0. ``--novel``: each cell type in turn is removed
@@ -60,7 +62,7 @@ DATASETS = {
 }
 TARGETS = {"cellbench5": 0.95, "cellbench3": 0.9}
 BATCH_KEY, LABEL_KEY = "batch", "cell_type"
-VARIANTS = ("qnorm-euclid", "qnorm-cosine", "raw-scaled-cosine", "raw-cosine")
+VARIANTS = ("qnorm-euclidean", "qnorm-cosine", "qnorm-scaled-cosine", "raw-scaled-cosine", "raw-cosine")
 PYLIGER_PYTHON = BENCH / "_venvs" / "pyliger" / "bin" / "python"
 PYLIGER_RUNNER = BENCH / "_runners" / "mapping_pyliger.py"
 
@@ -109,6 +111,10 @@ def label_query(variant: str, fitted, H_query, ref_labels, seed: int) -> mapping
     _, _, H, datasets, H_norm, quantiles = fitted
     if variant.startswith("qnorm"):
         Hq, _ = mapping.align_to_reference(H_query, quantiles, random_state=seed)
+        if variant == "qnorm-scaled-cosine":
+            rms = np.sqrt((H_norm.astype(np.float64) ** 2).mean(axis=0))
+            rms[rms == 0] = 1.0
+            return mapping.transfer_labels(Hq / rms, H_norm / rms, ref_labels, metric="cosine", random_state=seed)
         metric = variant.split("-")[1]
         return mapping.transfer_labels(Hq, H_norm, ref_labels, metric=metric, random_state=seed)
     if variant == "raw-scaled-cosine":
@@ -163,7 +169,7 @@ def leave_one_batch_out(name: str, adata, seeds, variants, args) -> list[dict]:
     return rows
 
 
-def novel_type(name: str, adata, seeds, args) -> list[dict]:
+def novel_type(name: str, adata, seeds, variants, args) -> list[dict]:
     """Each cell type in turn absent from the reference batches; every batch in turn the query."""
     rows = []
     types = sorted(adata.obs[LABEL_KEY].astype(str).unique())
@@ -182,21 +188,27 @@ def novel_type(name: str, adata, seeds, args) -> list[dict]:
                 H_query = project_query(fitted[0], fitted[1], query)
                 ref_labels = np.concatenate([ref.obs[LABEL_KEY].astype(str).to_numpy()[(ref.obs[BATCH_KEY].astype(str) == b).to_numpy()]
                                              for b in batches(ref)])
-                result = label_query("qnorm-euclid", fitted, H_query, ref_labels, seed)
-                known_correct = float((result.labels.astype(str)[~positive] == truth[~positive]).mean())
-                row = {"dataset": name, "query": held, "novel": novel, "seed": seed, "n_novel": int(positive.sum()),
-                       "conf_novel": float(result.confidence[positive].mean()),
-                       "conf_known": float(result.confidence[~positive].mean()),
-                       "dist_novel": float(np.median(result.distance[positive])),
-                       "dist_known": float(np.median(result.distance[~positive])),
-                       "auroc_distance": auroc(result.distance, positive),
-                       "auroc_low_confidence": auroc(-result.confidence, positive),
-                       "known_accuracy": known_correct}
-                rows.append(row)
-                print(f"{name:10s} query={held:10s} novel={novel:20s} seed={seed} conf {row['conf_novel']:.2f} vs "
-                      f"{row['conf_known']:.2f}  dist {row['dist_novel']:.2f} vs {row['dist_known']:.2f}  "
-                      f"AUROC dist {row['auroc_distance']:.2f} conf {row['auroc_low_confidence']:.2f}", flush=True)
+                for variant in variants:
+                    rows.append(_novel_row(name, held, novel, seed, variant, truth, positive,
+                                           label_query(variant, fitted, H_query, ref_labels, seed)))
     return rows
+
+
+def _novel_row(name, held, novel, seed, variant, truth, positive, result) -> dict:
+        known_correct = float((result.labels.astype(str)[~positive] == truth[~positive]).mean())
+        row = {"dataset": name, "query": held, "novel": novel, "seed": seed, "variant": variant,
+               "n_novel": int(positive.sum()),
+               "conf_novel": float(result.confidence[positive].mean()),
+               "conf_known": float(result.confidence[~positive].mean()),
+               "dist_novel": float(np.median(result.distance[positive])),
+               "dist_known": float(np.median(result.distance[~positive])),
+               "auroc_distance": auroc(result.distance, positive),
+               "auroc_low_confidence": auroc(-result.confidence, positive),
+               "known_accuracy": known_correct}
+        print(f"{name:10s} query={held:10s} novel={novel:20s} seed={seed} {variant:18s} conf {row['conf_novel']:.2f} vs "
+              f"{row['conf_known']:.2f}  dist {row['dist_novel']:.2f} vs {row['dist_known']:.2f}  "
+              f"AUROC dist {row['auroc_distance']:.2f} conf {row['auroc_low_confidence']:.2f}", flush=True)
+        return row
 
 
 def pyliger_mapping(name: str, path: Path, adata, seeds, args) -> list[dict]:
@@ -250,16 +262,16 @@ def summarise(rows: list[dict]) -> None:
 
 
 def summarise_novel(rows: list[dict]) -> None:
-    print("\nCell type absent from the reference (qnorm-euclid; means over queries and seeds)")
-    print(f"{'dataset':10s} {'novel type':20s} {'conf novel':>10s} {'known':>6s} {'dist novel':>10s} {'known':>6s} "
+    print("\nCell type absent from the reference (means over queries and seeds)")
+    print(f"{'dataset':10s} {'variant':19s} {'novel type':20s} {'conf novel':>10s} {'known':>6s} {'dist novel':>10s} {'known':>6s} "
           f"{'AUROC dist':>10s} {'AUROC 1-conf':>12s} {'known acc':>9s}")
-    for dataset, novel in sorted({(r["dataset"], r["novel"]) for r in rows}):
-        sel = [r for r in rows if r["dataset"] == dataset and r["novel"] == novel]
+    for dataset, variant, novel in sorted({(r["dataset"], r["variant"], r["novel"]) for r in rows}):
+        sel = [r for r in rows if r["dataset"] == dataset and r["novel"] == novel and r["variant"] == variant]
 
         def m(key, sel=sel):
             return statistics.mean(r[key] for r in sel)
 
-        print(f"{dataset:10s} {novel:20s} {m('conf_novel'):10.2f} {m('conf_known'):6.2f} {m('dist_novel'):10.2f} "
+        print(f"{dataset:10s} {variant:19s} {novel:20s} {m('conf_novel'):10.2f} {m('conf_known'):6.2f} {m('dist_novel'):10.2f} "
               f"{m('dist_known'):6.2f} {m('auroc_distance'):10.2f} {m('auroc_low_confidence'):12.2f} {m('known_accuracy'):9.3f}")
 
 
@@ -288,7 +300,7 @@ def main() -> None:
                              "benchmarks/_venvs/pyliger/bin/pip install pyliger==0.2.4 'setuptools<81'")
                 rows += pyliger_mapping(name, DATASETS[name], adata, args.seeds, args)
             if args.novel:
-                novel_rows += novel_type(name, adata, args.seeds, args)
+                novel_rows += novel_type(name, adata, args.seeds, args.variants, args)
     if rows:
         summarise(rows)
     if novel_rows:

@@ -84,7 +84,7 @@ def test_vote_confidence_and_distance_on_a_constructed_case():
     ref = np.column_stack([x, np.ones(6)])
     labels = np.array(["A", "A", "A", "B", "B", "B"])
     query = np.array([[0.3, 1.0], [1.05, 1.0], [0.6, 1.0]])
-    result = transfer_labels(query, ref, labels, n_neighbors=4)
+    result = transfer_labels(query, ref, labels, n_neighbors=4, metric="euclidean")
     assert list(result.labels) == ["A", "B", "A"]  # 0.6 sits between: 2 A and 2 B neighbours, the tie goes to A
     np.testing.assert_allclose(result.confidence, [0.75, 0.75, 0.5])
     # Unit: the reference cells' median mean distance to their 4 nearest other reference cells.
