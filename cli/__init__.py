@@ -11,20 +11,25 @@ import functools
 import logging
 import signal
 import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from onlinemf._errors import InputError
 
+if TYPE_CHECKING:  # the pipelines are imported by the commands that need them (fast --help)
+    from onlinemf.pipelines import RunSummary
+
 OUT_FILE = click.Path(exists=False, dir_okay=False, path_type=Path)
 
 
-def _user_errors(func):
+def _user_errors(func: Callable[..., Any]) -> Callable[..., Any]:
     """Turn user errors into one clean line and a non-zero exit, never a traceback."""
 
     @functools.wraps(func)
-    def wrapper(*args, **kwargs):
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
         from tqdm.contrib.logging import logging_redirect_tqdm
 
         _setup_logging(kwargs.get("quiet", False), kwargs.get("verbose", 0))
@@ -43,13 +48,13 @@ def _user_errors(func):
     return wrapper
 
 
-def _progress(quiet: bool):
+def _progress(quiet: bool) -> Callable[..., Any]:
     from onlinemf._progress import NullProgress, tqdm_progress
 
     return NullProgress if quiet else tqdm_progress
 
 
-def _sigterm_as_interrupt():
+def _sigterm_as_interrupt() -> None:
     """SIGINT and SIGTERM (kill, a batch scheduler's time limit) stop the run and clean up: temporaries removed,
     nothing published. The flag makes the interrupt stick even where Python swallows the KeyboardInterrupt."""
     from onlinemf._files import interrupt_requested
@@ -75,14 +80,14 @@ def _sigterm_as_interrupt():
     sys.unraisablehook = quiet_swallowed_interrupt
 
 
-def _setup_logging(quiet: bool, verbose: int):
+def _setup_logging(quiet: bool, verbose: int) -> None:
     level = logging.WARNING if quiet else (logging.DEBUG if verbose > 1 else logging.INFO)
     logging.basicConfig(level=level, format="%(message)s", stream=sys.stderr, force=True)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
 @click.version_option(package_name="onlinemf")
-def main():
+def main() -> None:
     """Streaming online integrative NMF (online iNMF) for single-cell data.
 
     \b
@@ -92,13 +97,14 @@ def main():
     """
 
 
-def _input_options(func):
+def _input_options(func: Callable[..., Any]) -> Callable[..., Any]:
     options = [
         click.option("--batch-key", default=None, help="obs column naming each cell's dataset (one .h5ad input). Default: guessed from common names (batch, dataset, sample, ...); 'none' = one dataset."),
         click.option("--layer", default=None, help="Read counts from layers[NAME] instead of X."),
         click.option("--raw", "use_raw", is_flag=True, help="Read counts from raw/X."),
         click.option("--genome", default=None, help="Genome to read from a multi-genome 10x .h5."),
-        click.option("--threads", default=1, type=click.IntRange(min=1), help="BLAS threads."),
+        click.option("--threads", default=None, type=click.IntRange(min=1),
+                     help="Threads for the computation. Default: every core this process may use."),
         click.option("--quiet", "-q", is_flag=True, help="No progress bars or summary."),
         click.option("-v", "--verbose", count=True, help="More log messages."),
     ]
@@ -107,7 +113,7 @@ def _input_options(func):
     return func
 
 
-def _output_options(func):
+def _output_options(func: Callable[..., Any]) -> Callable[..., Any]:
     options = [
         click.option("--cluster/--no-cluster", default=True, help="Leiden clustering of the normalised H (needs the 'cluster' extra)."),
         click.option("--umap/--no-umap", default=True, help="UMAP of the normalised H (needs the 'umap' extra)."),
@@ -120,13 +126,13 @@ def _output_options(func):
     return func
 
 
-def _postprocess_seed(func):
+def _postprocess_seed(func: Callable[..., Any]) -> Callable[..., Any]:
     # fit has one --seed for the model and its post-processing; update and project learn no new seed.
     return click.option("--seed", default=None, type=int, show_default=False,
                         help="Seed of quantile normalisation, Leiden and UMAP. Default: the model's seed.")(func)
 
 
-def _resolve_batch_key(inputs, batch_key, quiet):
+def _resolve_batch_key(inputs: Sequence[Path], batch_key: str | None, quiet: bool) -> str | None:
     """The dataset split the user means, said out loud."""
     if batch_key is not None:
         return None if batch_key.lower() == "none" else batch_key
@@ -150,7 +156,7 @@ def _resolve_batch_key(inputs, batch_key, quiet):
     return key
 
 
-def _summary(summary, quiet):
+def _summary(summary: RunSummary, quiet: bool) -> None:
     if quiet:
         return
     ds = ", ".join(f"{k} ({v:,})" for k, v in summary.datasets.items())
@@ -162,7 +168,7 @@ def _summary(summary, quiet):
         click.echo(f"wrote {path}", err=True)
 
 
-def _default_output(inputs, suffix):
+def _default_output(inputs: Sequence[Path], suffix: str) -> Path:
     """``STEM<suffix>`` in the current folder: inputs often sit in shared, read-only data folders."""
     first = Path(inputs[0])
     return Path.cwd() / (first.name.split(".")[0] + suffix)
@@ -186,7 +192,11 @@ def _default_output(inputs, suffix):
 @click.option("--checkpoint-every", default=20, type=click.IntRange(min=1), help="Mini-batches between checkpoints.")
 @click.option("--resume", is_flag=True, help="Continue from --checkpoint if it exists.")
 @_user_errors
-def fit(inputs, k, lam, epochs, batch_size, seed, n_genes, var_thresh, combine, batch_key, layer, use_raw, genome, threads, quiet, verbose, output, model, cluster, umap, resolution, plots, copy_x, checkpoint, checkpoint_every, resume):
+def fit(inputs: tuple[Path, ...], k: int, lam: float, epochs: int, batch_size: int, seed: int, n_genes: int | None,
+        var_thresh: float, combine: str, batch_key: str | None, layer: str | None, use_raw: bool, genome: str | None,
+        threads: int, quiet: bool, verbose: int, output: Path | None, model: Path | None, cluster: bool, umap: bool,
+        resolution: float, plots: Path | None, copy_x: bool, checkpoint: Path | None, checkpoint_every: int,
+        resume: bool) -> None:
     """Scenario 1: integrate datasets (several INPUTS, or one .h5ad split by --batch-key)."""
     from onlinemf import pipelines
 
@@ -217,7 +227,9 @@ def fit(inputs, k, lam, epochs, batch_size, seed, n_genes, var_thresh, combine, 
 @_output_options
 @_postprocess_seed
 @_user_errors
-def update(model, inputs, epochs, batch_key, layer, use_raw, genome, threads, quiet, verbose, output, model_out, cluster, umap, resolution, plots, copy_x, seed):
+def update(model: Path, inputs: tuple[Path, ...], epochs: int, batch_key: str | None, layer: str | None, use_raw: bool,
+           genome: str | None, threads: int, quiet: bool, verbose: int, output: Path | None, model_out: Path | None,
+           cluster: bool, umap: bool, resolution: float, plots: Path | None, copy_x: bool, seed: int | None) -> None:
     """Scenario 2: learn from new datasets with a saved MODEL, without reading the old data."""
     from onlinemf import pipelines
 
@@ -242,7 +254,9 @@ def update(model, inputs, epochs, batch_key, layer, use_raw, genome, threads, qu
 @_output_options
 @_postprocess_seed
 @_user_errors
-def project(model, inputs, batch_key, layer, use_raw, genome, threads, quiet, verbose, output, cluster, umap, resolution, plots, copy_x, seed):
+def project(model: Path, inputs: tuple[Path, ...], batch_key: str | None, layer: str | None, use_raw: bool,
+            genome: str | None, threads: int, quiet: bool, verbose: int, output: Path | None, cluster: bool, umap: bool,
+            resolution: float, plots: Path | None, copy_x: bool, seed: int | None) -> None:
     """Scenario 3: project new cells onto a saved MODEL's shared factors (the model is unchanged)."""
     from onlinemf import pipelines
 
@@ -262,7 +276,7 @@ def project(model, inputs, batch_key, layer, use_raw, genome, threads, quiet, ve
 @click.argument("path", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--batch-key", default=None, help="Also list the categories of this obs column.")
 @_user_errors
-def info(path, batch_key):
+def info(path: Path, batch_key: str | None) -> None:
     """Describe an .h5ad, a 10x .h5 or an onlinemf model file."""
     from onlinemf.info import describe_path
 
@@ -274,7 +288,7 @@ def info(path, batch_key):
 @click.option("--batch-key", default="inmf_dataset", help="obs column of the datasets.")
 @click.option("--label-key", default=None, help="obs column of known cell labels (for ARI/NMI).")
 @_user_errors
-def evaluate(results, batch_key, label_key):
+def evaluate(results: Path, batch_key: str, label_key: str | None) -> None:
     """Alignment, ARI and NMI of a results .h5ad."""
     from onlinemf.info import evaluate_results
 

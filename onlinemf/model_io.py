@@ -65,7 +65,7 @@ class Checkpoint:
 class SavedModel:
     """A loaded model file: the estimator, per-gene scaling per dataset and free metadata."""
 
-    estimator: object
+    estimator: OnlineINMF
     scaling: dict = field(default_factory=dict)
     info: dict = field(default_factory=dict)
 

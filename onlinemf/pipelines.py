@@ -52,8 +52,8 @@ class ModelParams:
     seed : int
         Seed of the initialisation and the mini-batch order (also post-processing's, unless
         ``OutputOptions.seed`` is set).
-    threads : int
-        BLAS threads.
+    threads : int or None
+        Threads for the factorization and H passes (None: every core this process may use).
     """
 
     k: int = 20
@@ -61,7 +61,7 @@ class ModelParams:
     epochs: int = 5
     batch_size: int = 5000
     seed: int = 1
-    threads: int = 1
+    threads: int | None = None
 
 
 @dataclass(frozen=True)
@@ -268,7 +268,7 @@ def fit(
         msg = "resume: expected a checkpoint path to continue from, found none (--checkpoint PATH)"
         raise InputError(msg)
     resume_from, genes = None, None
-    if resume and Path(checkpoint).exists():
+    if resume and checkpoint is not None and Path(checkpoint).exists():
         # A resumed fit keeps the checkpoint's genes, so it continues exactly the same problem.
         resume_from = Path(checkpoint)
         genes = _checkpoint_genes(resume_from, params)
@@ -311,7 +311,7 @@ def update(
     output: PathLike | None = None,
     model_out: PathLike | None = None,
     epochs: int | None = None,
-    threads: int = 1,
+    threads: int | None = None,
     reading: InputOptions | None = None,
     outputs: OutputOptions | None = None,
     cache: str | None = "auto",
@@ -332,8 +332,8 @@ def update(
         Results ``.h5ad`` of the new cells; the updated model.
     epochs : int or None
         Passes over the new data; None: the model's ``max_epochs``.
-    threads : int
-        BLAS threads.
+    threads : int or None
+        Threads for the factorization and H passes (None: every core this process may use).
     reading, outputs, cache, progress
         As for :func:`fit`; the seed of ``outputs`` defaults to the model's.
 
@@ -349,7 +349,7 @@ def update(
     _check_plots(outputs)
     t0 = time.perf_counter()
     saved = load_model(model)
-    est = saved.estimator
+    est = saved.estimator.set_params(n_threads=threads)  # this machine's cores, not the saving one's
 
     def check(sources):
         clash = sorted({s.name for s in sources} & set(est.dataset_names_))
@@ -380,7 +380,7 @@ def project(
     inputs: Sequence[PathLike],
     *,
     output: PathLike | None = None,
-    threads: int = 1,
+    threads: int | None = None,
     reading: InputOptions | None = None,
     outputs: OutputOptions | None = None,
     progress: Progress = NullProgress,
@@ -395,8 +395,8 @@ def project(
         Cells to project, with every gene of the model.
     output : path or None
         Results ``.h5ad``.
-    threads : int
-        BLAS threads.
+    threads : int or None
+        Threads for the factorization and H passes (None: every core this process may use).
     reading, outputs, progress
         As for :func:`fit`; the seed of ``outputs`` defaults to the model's.
 
@@ -410,7 +410,7 @@ def project(
     _check_outputs([*inputs, Path(model)], {"output": output})
     _check_plots(outputs)
     t0 = time.perf_counter()
-    est = load_model(model).estimator
+    est = load_model(model).estimator.set_params(n_threads=threads)
     with threadpool_limits(limits=threads), _prepared_inputs(
         inputs, reading, outputs, progress, genes=np.asarray(est.var_names_in_)
     ) as (sources, prepared):
@@ -520,7 +520,7 @@ def _with_seed(outputs: OutputOptions, est) -> OutputOptions:
     """``outputs`` with its post-processing seed resolved: the model's seed unless one was given."""
     if outputs.seed is not None:
         return outputs
-    seed = est.random_state if isinstance(est.random_state, int | np.integer) else None
+    seed = int(est.random_state) if isinstance(est.random_state, int | np.integer) else None
     return replace(outputs, seed=seed)
 
 

@@ -171,7 +171,8 @@ def integrate(
         H_i, obj = est.transform_source(src, dataset=src.name, with_objective=True)
         H[idx] = H_i
         datasets[idx] = src.name
-        objective += obj
+        if obj is not None:
+            objective += obj
     timings: dict[str, float] = {}
     H_norm, clusters, embedding = align_cluster_embed(
         H, datasets, OutputOptions(cluster=cluster, umap=umap, resolution=resolution, seed=seed), timings)
