@@ -213,7 +213,8 @@ def _novel_row(name, held, novel, seed, variant, truth, positive, result) -> dic
 
 def pyliger_mapping(name: str, path: Path, adata, seeds, args) -> list[dict]:
     """pyliger 0.2.4: its online iNMF on the reference, its projection of the query (``projection=True``) and its
-    ``quantile_norm`` over reference + query (its only way to normalise a projected dataset), then our vote."""
+    ``quantile_norm`` over reference + query (its only way to normalise a projected dataset), then our vote
+    (cosine) on its projected H and on its normalised H."""
     rows = []
     for held in batches(adata):
         for seed in seeds:
@@ -227,13 +228,15 @@ def pyliger_mapping(name: str, path: Path, adata, seeds, args) -> list[dict]:
                 print(f"pyliger failed on {name}/{held}: {done.stderr.strip().splitlines()[-1:]}", flush=True)
                 continue
             res = np.load(out, allow_pickle=True)
-            result = mapping.transfer_labels(res["H_norm_query"], res["H_norm_ref"], res["ref_labels"].astype(str),
-                                             metric="euclidean", random_state=seed)
-            row = {"dataset": name, "query": held, "seed": seed, "variant": "pyliger-projection",
-                   **scores(res["query_labels"].astype(str), result)}
-            rows.append(row)
-            print(f"{name:10s} query={held:10s} seed={seed} {'pyliger-projection':18s} acc={row['accuracy']:.3f} "
-                  f"F1={row['macro_f1']:.3f}", flush=True)
+            truth = res["query_labels"].astype(str)
+            for variant, (query, ref) in {"pyliger raw-cosine": ("H_query", "H_ref"),
+                                          "pyliger qnorm-cosine": ("H_norm_query", "H_norm_ref")}.items():
+                result = mapping.transfer_labels(res[query], res[ref], res["ref_labels"].astype(str),
+                                                 metric="cosine", random_state=seed)
+                row = {"dataset": name, "query": held, "seed": seed, "variant": variant, **scores(truth, result)}
+                rows.append(row)
+                print(f"{name:10s} query={held:10s} seed={seed} {variant:18s} acc={row['accuracy']:.3f} "
+                      f"F1={row['macro_f1']:.3f}", flush=True)
     return rows
 
 

@@ -7,7 +7,7 @@ Runs inside ``benchmarks/_venvs/pyliger`` and imports nothing from onlinemf. Ste
 ``online_iNMF(liger, X_new=[query], projection=True)`` (H on W only) appends it to the reference, and
 ``quantile_norm(liger, ref_dataset=<largest reference batch>)`` normalises reference and query together:
 pyliger has no way to align a projected dataset without the reference's H. Writes an ``.npz`` with the
-reference's and the query's H_norm and labels; ``bench_mapping.py`` votes with ``onlinemf.mapping``.
+reference's and the query's H, H_norm and labels; ``bench_mapping.py`` votes with ``onlinemf.mapping``.
 """
 
 from __future__ import annotations
@@ -85,6 +85,8 @@ def main() -> None:
         pyliger.quantile_norm(liger, ref_dataset=ref_name, rand_seed=args.seed)
     adatas = liger.adata_list
     np.savez(args.output,
+             H_ref=np.vstack([np.asarray(a.obsm["H"], dtype=np.float64) for a in adatas[:-1]]),
+             H_query=np.asarray(adatas[-1].obsm["H"], dtype=np.float64),
              H_norm_ref=np.vstack([np.asarray(a.obsm["H_norm"], dtype=np.float64) for a in adatas[:-1]]),
              ref_labels=np.concatenate([a.obs["cell_type"].to_numpy().astype(str) for a in adatas[:-1]]),
              H_norm_query=np.asarray(adatas[-1].obsm["H_norm"], dtype=np.float64),
