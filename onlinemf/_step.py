@@ -73,6 +73,9 @@ def work_units(X) -> list:
     units: list = []
     for block in row_blocks(X):
         n = block.shape[0]
+        if hasattr(block, "split_units"):  # rows described, not read: a Dask worker reads each unit (onlinemf._dask)
+            units.extend(block.split_units(UNIT_ROWS))
+            continue
         if isinstance(block, CsrRowRange):
             matrix, offset = block.matrix, block.start
         elif sp.issparse(block):
@@ -122,6 +125,19 @@ def unit_h(X, factors: DatasetFactors, n_sweeps: int, with_loss: bool = False) -
     Ht, XL = _solve(X, factors, n_sweeps)
     loss = _loss(X, Ht, XL, factors.G) if with_loss else None
     return np.ascontiguousarray(Ht.T), loss
+
+
+@dataclass(frozen=True)
+class UnitTask:
+    """The map of a step as a picklable function of ``(dataset name, unit)``: :func:`unit_stats` with that
+    dataset's factors (a Dask executor sends it once per step to every worker)."""
+
+    factors: dict[str, DatasetFactors]
+    n_sweeps: int
+
+    def __call__(self, item: tuple) -> UnitStats:
+        name, X = item
+        return unit_stats(X, self.factors[name], self.n_sweeps)
 
 
 def sum_stats(parts: list[UnitStats]) -> UnitStats:

@@ -6,6 +6,7 @@ the :class:`~onlinemf._source.Source` contract is used here (never a reader or a
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
@@ -114,11 +115,25 @@ def read_batch(sources: list[Source], step: Step, dtype: np.dtype) -> dict[str, 
     return out
 
 
-def iter_batches(sources: list[Source], plan: MinibatchPlan, dtype: np.dtype, skip: int = 0) -> Iterator:
+def iter_batches(sources: list[Source], plan: MinibatchPlan, dtype: np.dtype, skip: int = 0,
+                 read: Callable = read_batch) -> Iterator:
     """``(step, {name: row blocks})`` over ``plan``; the first ``skip`` steps are drawn but not read (resume)."""
     for step in plan:
         if step.t > skip:
-            yield step, read_batch(sources, step, dtype)
+            yield step, read(sources, step, dtype)
+
+
+@contextlib.contextmanager
+def open_executor(n_threads: int | None, client: Any = None) -> Iterator[Any]:
+    """The executor of a fit: local threads, or the workers of a ``dask.distributed.Client`` (:mod:`onlinemf._dask`)."""
+    if client is None:
+        with local_executor(n_threads) as executor:
+            yield executor
+        return
+    from ._dask import dask_executor
+
+    with dask_executor(client) as executor:
+        yield executor
 
 
 def run_plan(est: Any, sources: list[Source], executor: SerialExecutor | ThreadExecutor, *,
@@ -139,7 +154,9 @@ def run_plan(est: Any, sources: list[Source], executor: SerialExecutor | ThreadE
     plan = est.make_plan(sources)
     _explain_plan(plan, est)
     n_full = dict(zip([s.name for s in sources], plan.n_cells, strict=True))
-    for step, batch in iter_batches(sources, plan, np.dtype(est.dtype), skip=done):
+    # A Dask executor describes the mini-batch (its workers read the rows); a local one reads it here.
+    read = getattr(executor, "read_batch", read_batch)
+    for step, batch in iter_batches(sources, plan, np.dtype(est.dtype), skip=done, read=read):
         for name, value in est._step(batch, step.new_epoch, executor).items():
             acc["loss"][name] = acc["loss"].get(name, 0.0) + value
             acc["cells"][name] = acc["cells"].get(name, 0) + S.n_rows(batch[name])

@@ -201,7 +201,7 @@ class OnlineINMF(ParamsMixin):
         """
         factors = {name: _step.dataset_factors(self.W_, self.V_[name], float(self.lam)) for name in batch}
         units = [(name, unit) for name, X in batch.items() for unit in _step.work_units(X)]
-        results = executor.map(lambda item: _step.unit_stats(item[1], factors[item[0]], self.h_sweeps), units)
+        results = executor.map(_step.UnitTask(factors, self.h_sweeps), units)
         losses = {}
         for name in batch:
             total = _step.sum_stats([r for (n, _), r in zip(units, results, strict=True) if n == name])
@@ -294,7 +294,7 @@ class OnlineINMF(ParamsMixin):
 
     # ------------------------------------------------------------------ scenarios
     def fit(self, X: Any, y: None = None, *, progress: Callable | None = None, callback: T.StepCallback | None = None,
-            resume: dict | None = None) -> OnlineINMF:
+            resume: dict | None = None, client: Any = None) -> OnlineINMF:
         """Scenario 1: factorise all datasets of ``X`` from scratch.
 
         Parameters
@@ -308,6 +308,9 @@ class OnlineINMF(ParamsMixin):
         resume : dict, optional
             The plan position of a checkpoint whose state this estimator holds
             (``onlinemf.model_io.read_checkpoint``); the result equals an uninterrupted run.
+        client : dask.distributed.Client, optional
+            Run the steps' work units on this cluster; its workers read their rows from the datasets' files
+            (:mod:`onlinemf._dask`). The model equals the local one.
         """
         sources = T.as_sources(X)
         if resume is None:
@@ -315,17 +318,18 @@ class OnlineINMF(ParamsMixin):
         else:
             self._resume(resume, sources, "fit")
         self._mode = "fit"
-        with local_executor(self.n_threads) as executor:
+        with T.open_executor(self.n_threads, client) as executor:
             T.run_plan(self, sources, executor, progress=progress, callback=callback, position=resume)
         return self
 
     def update(self, X: Any, *, progress: Callable | None = None, callback: T.StepCallback | None = None,
-               resume: dict | None = None) -> OnlineINMF:
+               resume: dict | None = None, client: Any = None) -> OnlineINMF:
         """Scenario 2: add new datasets; W continues, the existing datasets are frozen.
 
         Old V/A/B still enter the W update but are not changed, and old data are never read. New datasets get
         V from K random cells, zero A/B and their own plan. Re-solving H of old cells is a separate step
-        (:meth:`transform`). ``X``, ``progress``, ``callback``, ``resume``: as in :meth:`fit` (new datasets only).
+        (:meth:`transform`). ``X``, ``progress``, ``callback``, ``resume``, ``client``: as in :meth:`fit` (new datasets
+        only).
         """
         sources = T.as_sources(X)
         self._validate_params()
@@ -342,7 +346,7 @@ class OnlineINMF(ParamsMixin):
             for s in sources:
                 self._add_dataset(s.name, T.sample_v(s, self.n_components, self._rng, self._dt), s.n_cells)
         self._mode = "update"
-        with local_executor(self.n_threads) as executor:
+        with T.open_executor(self.n_threads, client) as executor:
             T.run_plan(self, sources, executor, progress=progress, callback=callback, position=resume)
         return self
 

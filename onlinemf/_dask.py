@@ -1,0 +1,407 @@
+"""The fit's work units on a ``dask.distributed`` cluster: workers read their own rows, only factors and statistics
+cross the network.
+
+A step of the fit (:mod:`onlinemf._step`) maps ``unit_stats`` over fixed work units of at most ``UNIT_ROWS`` rows.
+:class:`DaskExecutor` runs that map on a cluster:
+
+- the client never reads a mini-batch: :meth:`DaskExecutor.read_batch` describes it as :class:`RowsRef` (a
+  dataset token and a row range), split into the same units as a local mini-batch;
+- each dataset is described once per fit by a :class:`SourceSpec` (input path, batch rows, selected genes and
+  scale factors), sent once to every worker; a worker opens it on first use and keeps it open (one per process);
+- per step, the factors (``W + V_i`` and the K x K Gram matrix per dataset) are sent once to every worker, and
+  each unit returns its ``H^T H`` (K x K), ``X^T H`` (genes x K) and loss;
+- the client adds the units' statistics in unit order and runs the HALS updates, as a local fit does.
+
+The units, their rows and the order of the sums are those of a local fit and each unit is computed by the same
+code with BLAS on one thread, so a distributed fit gives the local model to the bit (tests/test_dask.py).
+A worker that dies is replaced by the cluster and its units are rerun (units are pure); if the cluster gives up
+on a unit (``KilledWorker``) the fit stops with an error, and a checkpoint written so far stays valid.
+
+Dask is an optional dependency (``pip install 'onlinemf[dask]'``); it is imported only here, on use.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import threading
+import uuid
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ._errors import InputError
+from ._prepared import PreparedSource
+from ._rowrange import CsrRowRange
+from ._source import Source
+from ._validation import require_extra
+from .readers import H5adSource, TenxH5Source
+
+logger = logging.getLogger("onlinemf.dask")
+
+#: Open sources a worker process keeps (least recently used closed first).
+WORKER_OPEN_SOURCES = 32
+
+
+# ----------------------------------------------------------------------------- descriptions
+@dataclass(frozen=True, eq=False)
+class SourceSpec:
+    """How a worker opens one prepared dataset: the file and its reader options, then the preparation.
+
+    Attributes
+    ----------
+    token : str
+        Identifies the description (content hash, including the file's size and modification time).
+    name : str
+        Dataset name.
+    kind : {"h5ad", "10x"}
+    path : str
+        Absolute path of the input file, as the client sees it; workers must see it at the same path.
+    options : dict
+        Reader options: ``layer``, ``use_raw``, ``rows`` (sorted file rows of a batch split) for h5ad; ``genome``
+        for 10x.
+    gene_index : ndarray of int of shape (n_selected,) or None
+        Selected genes (positions in the file's genes); None: the raw counts (an unprepared source).
+    scale : ndarray of float64 of shape (n_selected,) or None
+        Per-gene divisors of the preparation.
+    """
+
+    token: str
+    name: str
+    kind: str
+    path: str
+    options: dict = field(default_factory=dict)
+    gene_index: np.ndarray | None = None
+    scale: np.ndarray | None = None
+
+    def open(self) -> Source:
+        """The source this describes (opened from the file: call on a worker)."""
+
+        if self.kind == "h5ad":
+            raw: Source = H5adSource(self.path, name=self.name, **self.options)
+        else:
+            raw = TenxH5Source(self.path, name=self.name, **self.options)
+        if self.gene_index is None:
+            return raw
+        # Workers read the rows a step names and never pass over the whole file: no cache.
+        return _OwningPrepared(raw, self.gene_index, self.scale, cache=None)
+
+
+class _OwningPrepared(PreparedSource):
+    """A PreparedSource that closes its raw source with itself (the worker opened both)."""
+
+    def close(self) -> None:
+        super().close()
+        self.source.close()
+
+
+def describe(source: Source) -> SourceSpec:
+    """The :class:`SourceSpec` of a source read from a file (h5ad or 10x), prepared or not.
+
+    Raises
+    ------
+    InputError
+        For a source that is not read from a file (an in-memory matrix): workers could not read it.
+    """
+    gene_index = scale = None
+    raw = source
+    if isinstance(source, PreparedSource):
+        raw, gene_index, scale = source.source, source.gene_index, source.scale
+    if isinstance(raw, H5adSource):
+        kind, options = "h5ad", {"layer": raw.layer, "use_raw": raw.use_raw, "rows": raw.rows}
+    elif isinstance(raw, TenxH5Source):
+        kind, options = "10x", {"genome": raw.genome}
+    else:
+        msg = (f"{source.name}: a fit on a Dask cluster needs datasets read from files the workers can reach "
+               f"(.h5ad or 10x .h5, prepared or not), found {type(raw).__name__}")
+        raise InputError(msg)
+    path = str(Path(raw.path).resolve())
+    digest = hashlib.sha256()
+    try:
+        st = os.stat(path)
+        digest.update(f"{path}|{st.st_size}|{st.st_mtime_ns}|{kind}|{source.name}".encode())
+    except OSError:
+        digest.update(uuid.uuid4().bytes)
+    digest.update(repr(sorted((k, v) for k, v in options.items() if k != "rows")).encode())
+    for array in (options.get("rows"), gene_index, scale):
+        digest.update(b"-" if array is None else np.ascontiguousarray(array).tobytes())
+    return SourceSpec(token=digest.hexdigest()[:32], name=source.name, kind=kind, path=path, options=options,
+                      gene_index=gene_index, scale=scale)
+
+
+@dataclass(frozen=True)
+class RowsRef:
+    """Rows ``start:stop`` of a described dataset, in the working ``dtype``: a block of a mini-batch that a
+    worker reads itself. Has the ``shape`` of the block it stands for."""
+
+    token: str
+    start: int
+    stop: int
+    n_genes: int
+    dtype: str
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.stop - self.start, self.n_genes)
+
+    def split_units(self, size: int) -> list[RowsRef]:
+        """The block cut into units of at most ``size`` rows, as :func:`onlinemf._step.work_units` cuts blocks."""
+        return [RowsRef(self.token, a, min(a + size, self.stop), self.n_genes, self.dtype)
+                for a in range(self.start, self.stop, size)]
+
+
+# ----------------------------------------------------------------------------- worker side
+_open_sources: OrderedDict[str, Source] = OrderedDict()
+_open_lock = threading.Lock()
+_blas_pinned = False
+
+
+def _worker_label() -> str:
+    try:
+        from distributed import get_worker
+
+        return f"worker {get_worker().address}"
+    except (ImportError, ValueError):
+        return f"process {os.getpid()}"
+
+
+def worker_source(spec: SourceSpec) -> Source:
+    """The open source of ``spec`` in this worker process (opened on first use, kept among the last few)."""
+    global _blas_pinned
+    with _open_lock:
+        if not _blas_pinned:
+            # As in a local fit (onlinemf._executor): BLAS on one thread, so products sum in the same order.
+            from threadpoolctl import threadpool_limits
+
+            threadpool_limits(limits=1, user_api="blas")
+            _blas_pinned = True
+        source = _open_sources.get(spec.token)
+        if source is not None:
+            _open_sources.move_to_end(spec.token)
+            return source
+        if not os.path.exists(spec.path):
+            msg = (f"{spec.name}: {_worker_label()} cannot see the input {spec.path} (no such file there): the input "
+                   "must be on storage every worker reaches at the same path")
+            raise InputError(msg)
+        try:
+            source = spec.open()
+        except (OSError, InputError) as exc:
+            msg = f"{spec.name}: {_worker_label()} cannot read the input {spec.path}: {exc}"
+            raise InputError(msg) from None
+        _open_sources[spec.token] = source
+        while len(_open_sources) > WORKER_OPEN_SOURCES:
+            _open_sources.popitem(last=False)[1].close()
+        return source
+
+
+def _load(ref: RowsRef, specs: dict[str, SourceSpec]) -> CsrRowRange:
+    block = worker_source(specs[ref.token]).read_block(ref.start, ref.stop)
+    if block.dtype != np.dtype(ref.dtype):
+        block = block.astype(ref.dtype)
+    # A range over the block, as a local mini-batch's units are (same kernels, same numbers).
+    return CsrRowRange(block, 0, block.shape[0])
+
+
+def _resolve(item: Any, specs: dict[str, SourceSpec]) -> Any:
+    if isinstance(item, RowsRef):
+        return _load(item, specs)
+    if isinstance(item, tuple):
+        return tuple(_resolve(x, specs) for x in item)
+    return item
+
+
+def run_item(fn: Callable[[Any], Any], item: Any, specs: dict[str, SourceSpec]) -> Any:
+    """On a worker: ``fn(item)`` with every :class:`RowsRef` in ``item`` replaced by the rows it describes."""
+    return fn(_resolve(item, specs))
+
+
+# ----------------------------------------------------------------------------- client side
+def _refs(item: Any) -> list[RowsRef]:
+    if isinstance(item, RowsRef):
+        return [item]
+    if isinstance(item, tuple):
+        return [ref for x in item for ref in _refs(x)]
+    return []
+
+
+def _nbytes(obj: Any) -> int:
+    """Bytes of the arrays in a (nested) result or task function, for the traffic counters."""
+    if isinstance(obj, np.ndarray):
+        return obj.nbytes
+    if isinstance(obj, dict):
+        return sum(_nbytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_nbytes(v) for v in obj)
+    if hasattr(obj, "__dataclass_fields__"):
+        return sum(_nbytes(getattr(obj, f)) for f in obj.__dataclass_fields__)
+    return 8 if isinstance(obj, (int, float)) else 0
+
+
+@dataclass
+class Traffic:
+    """What the executor sent and received: factor bytes out (counted once per worker), result bytes in."""
+
+    steps: int = 0
+    units: int = 0
+    bytes_out: int = 0
+    bytes_in: int = 0
+    seconds: float = 0.0
+
+
+class DaskExecutor:
+    """Runs work units on the workers of a ``dask.distributed.Client``; results in item order.
+
+    Items are ``(name, RowsRef)`` pairs (or anything holding :class:`RowsRef`); ``fn`` must be picklable (it is sent
+    once per :meth:`map` to every worker, then each task refers to it).
+    """
+
+    def __init__(self, client: Any):
+        self.client = client
+        self._specs: dict[int, SourceSpec] = {}
+        self._spec_futures: dict[str, Any] = {}
+        self.traffic = Traffic()
+
+    @property
+    def n_workers(self) -> int:
+        return max(1, len(self.client.scheduler_info(n_workers=-1)["workers"]))
+
+    def _spec(self, source: Source) -> SourceSpec:
+        spec = self._specs.get(id(source))
+        if spec is None:
+            spec = self._specs[id(source)] = describe(source)
+        if spec.token not in self._spec_futures:
+            self._spec_futures[spec.token] = self.client.scatter(spec, broadcast=True, hash=False)
+        return spec
+
+    def read_batch(self, sources: list[Source], step: Any, dtype: np.dtype) -> dict[str, list[RowsRef]]:
+        """The mini-batch of ``step`` described, one :class:`RowsRef` per row range (as ``read_pieces`` blocks)."""
+        out = {}
+        for source, ranges in zip(sources, step.ranges, strict=True):
+            token = self._spec(source).token
+            out[source.name] = [RowsRef(token, int(a), int(b), source.n_genes, np.dtype(dtype).str) for a, b in ranges]
+        return out
+
+    def map(self, fn: Callable[[Any], Any], items: Iterable[Any]) -> list:
+        import time
+
+        from distributed import KilledWorker
+
+        items = list(items)
+        if not items:
+            return []
+        t0 = time.perf_counter()
+        fn_future = self.client.scatter(fn, broadcast=True, hash=False)
+        futures = []
+        for item in items:
+            specs = {ref.token: self._spec_futures[ref.token] for ref in _refs(item)}
+            futures.append(self.client.submit(run_item, fn_future, item, specs, pure=False))
+        try:
+            results = self.client.gather(futures)
+        except KilledWorker as exc:
+            msg = (f"the Dask cluster lost the workers running a unit several times ({exc}); the fit stopped. "
+                   "A checkpoint written so far (--checkpoint) continues it (--resume)")
+            raise InputError(msg) from None
+        finally:
+            for future in futures:
+                future.release()
+            fn_future.release()
+        self.traffic.steps += 1
+        self.traffic.units += len(items)
+        self.traffic.bytes_out += _nbytes(fn) * self.n_workers
+        self.traffic.bytes_in += _nbytes(results)
+        self.traffic.seconds += time.perf_counter() - t0
+        return results
+
+    def close(self) -> None:
+        for future in self._spec_futures.values():
+            future.release()
+        self._spec_futures.clear()
+        self._specs.clear()
+
+
+def _require_distributed(what: str):
+    return require_extra("dask", what, ("distributed",))[0]
+
+
+def check_client(client: Any) -> None:
+    """Raise :class:`InputError` unless ``client`` is a connected ``dask.distributed.Client``."""
+    distributed = _require_distributed("a fit on a Dask cluster")
+    if not isinstance(client, distributed.Client):
+        msg = f"client: expected a dask.distributed.Client, found {type(client).__name__}"
+        raise InputError(msg)
+    if client.status != "running":
+        msg = f"client: expected a connected dask.distributed.Client, found one with status {client.status!r}"
+        raise InputError(msg)
+
+
+@contextlib.contextmanager
+def dask_executor(client: Any) -> Iterator[DaskExecutor]:
+    """A :class:`DaskExecutor` on ``client``; the client's BLAS on one thread inside (the HALS updates run here,
+    as a local fit runs them)."""
+    from threadpoolctl import threadpool_limits
+
+    check_client(client)
+    executor = DaskExecutor(client)
+    try:
+        with threadpool_limits(limits=1, user_api="blas"):
+            yield executor
+    finally:
+        executor.close()
+        t = executor.traffic
+        if t.steps:
+            logger.info("Dask: %d steps, %d units, %.1f KB out and %.1f KB in per step, %.1f ms per step",
+                        t.steps, t.units, t.bytes_out / t.steps / 1e3, t.bytes_in / t.steps / 1e3,
+                        1e3 * t.seconds / t.steps)
+
+
+# ----------------------------------------------------------------------------- --scheduler
+def _local_workers(scheduler: str) -> int:
+    value = scheduler.split(":", 1)[1]
+    if not value.isdigit() or int(value) < 1:
+        msg = f"--scheduler {scheduler}: expected local:N with N a positive number of worker processes"
+        raise InputError(msg)
+    return int(value)
+
+
+@contextlib.contextmanager
+def scheduler_client(scheduler: str | None) -> Iterator[Any]:
+    """A ``dask.distributed.Client`` for a ``--scheduler`` value, closed on exit (None: yields None).
+
+    ``local:N`` starts a ``LocalCluster`` of N worker processes (one thread each) and closes it on exit, on errors
+    and on Ctrl-C; ``tcp://HOST:PORT`` (any address with ``://``) joins a running scheduler; anything else is a
+    scheduler file (``dask scheduler --scheduler-file``, dask-jobqueue, dask-mpi).
+    """
+    if scheduler is None:
+        yield None
+        return
+    distributed = _require_distributed("--scheduler")
+    if scheduler.startswith("local:"):
+        n_workers = _local_workers(scheduler)
+        logger.info("starting a local Dask cluster of %d worker processes", n_workers)
+        cluster = distributed.LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True,
+                                           dashboard_address=None)
+        try:
+            with distributed.Client(cluster) as client:
+                yield client
+        finally:
+            cluster.close()
+        return
+    kwargs = {"address": scheduler} if "://" in scheduler else {"scheduler_file": scheduler}
+    if "scheduler_file" in kwargs and not Path(scheduler).is_file():
+        msg = f"--scheduler {scheduler}: expected local:N, tcp://HOST:PORT or a scheduler file, found no such file"
+        raise InputError(msg)
+    try:
+        client = distributed.Client(timeout="30s", **kwargs)
+    except (OSError, TimeoutError, ValueError) as exc:
+        msg = f"--scheduler {scheduler}: could not connect to the Dask scheduler: {exc}"
+        raise InputError(msg) from None
+    with client:
+        logger.info("joined the Dask cluster at %s (%d workers)", client.scheduler.address,
+                    len(client.scheduler_info(n_workers=-1)["workers"]))
+        yield client
