@@ -31,7 +31,14 @@ from scipy.spatial import cKDTree
 
 from ._errors import InputError
 from ._validation import check_factors, check_int, dataset_codes
-from .postprocess import _subsample, knn_indices, knn_vote, max_factor_labels, piecewise_map, quantiles_type7
+from .postprocess import (
+    _subsample,
+    knn_indices,
+    knn_vote,
+    max_factor_labels,
+    piecewise_map,
+    quantiles_type7,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -282,8 +289,8 @@ def transfer_labels(H_query, H_reference, labels, *, n_neighbors: int = 20, metr
     if metric not in METRICS:
         msg = f"metric: expected one of {METRICS}, found {metric!r}"
         raise InputError(msg)
-    names, codes = dataset_codes(np.asarray(labels).astype(object), H_reference.shape[0], "labels")
-    names = np.asarray([str(n) for n in names], dtype=object)
+    seen, codes = dataset_codes(np.asarray(labels).astype(object), H_reference.shape[0], "labels")
+    names = np.asarray([str(n) for n in seen], dtype=object)
     order = np.argsort(names.astype(str), kind="stable")  # codes in sorted-label order: ties go to the first
     rank = np.empty_like(order)
     rank[order] = np.arange(order.size)

@@ -1,18 +1,29 @@
 """Reference mapping: quantile alignment with stored reference quantiles, kNN label transfer, novelty."""
 
+import hashlib
+from pathlib import Path
+
+import anndata as ad
 import numpy as np
 import pytest
+from click.testing import CliRunner
+from onlinemf.cli import main
 
 from onlinemf import InputError
-from onlinemf.mapping import ReferenceQuantiles, align_to_reference, reference_quantiles, transfer_labels
+from onlinemf.mapping import (
+    ReferenceQuantiles,
+    align_to_reference,
+    reference_quantiles,
+    transfer_labels,
+)
 from onlinemf.postprocess import quantile_norm
 
 
 def _factors(rng, n, K, scale=1.0):
     """Cells each loading mostly on one factor, as iNMF H does (so clusters have >= 20 cells)."""
-    main = rng.integers(0, K, n)
+    top = rng.integers(0, K, n)
     H = rng.gamma(0.3, 0.2, size=(n, K))
-    H[np.arange(n), main] += rng.gamma(4.0, 1.0, n)
+    H[np.arange(n), top] += rng.gamma(4.0, 1.0, n)
     return H * scale
 
 
@@ -121,3 +132,122 @@ def test_transfer_labels_checks_its_inputs():
         transfer_labels(np.ones((2, 3)), ref, list("aab"))
     with pytest.raises(InputError, match="labels: expected a label for every cell"):
         transfer_labels(np.ones((2, 3)), ref, ["a", None, "b", "b", "a"])
+
+
+# ----------------------------------------------------------------------------- end to end (CLI and Python)
+TINY = Path(__file__).resolve().parents[1] / "data" / "kang_pbmc_rliger_tiny.h5ad"
+FAST = ["--k", "8", "--epochs", "2", "--batch-size", "200", "--no-umap", "--no-cluster", "--quiet"]
+LABEL = "rliger_leiden"  # rliger's clusters of these cells: the same populations in ctrl and stim
+
+
+def _cli(args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def _digest(path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """ctrl fitted as the reference (with --label-key), stim split into two query files."""
+    folder = tmp_path_factory.mktemp("mapping")
+    adata = ad.read_h5ad(TINY)
+    paths = {"folder": folder}
+    for name, part in (("ctrl", adata[adata.obs["batch"] == "ctrl"]),
+                       ("stim_a", adata[adata.obs["batch"] == "stim"][:150]),
+                       ("stim_b", adata[adata.obs["batch"] == "stim"][150:])):
+        paths[name] = folder / f"{name}.h5ad"
+        part.copy().write_h5ad(paths[name])
+    paths["results"], paths["model"] = folder / "ref_inmf.h5ad", folder / "ref_model.h5"
+    result = _cli(["fit", paths["ctrl"], "--batch-key", "none", "--label-key", LABEL, "-o", paths["results"],
+                   "--model", paths["model"], *FAST])
+    assert result.exit_code == 0, result.output
+    return paths
+
+
+def test_project_with_reference_transfers_labels(reference, tmp_path):
+    before = _digest(reference["results"])
+    out = tmp_path / "query.h5ad"
+    result = _cli(["project", reference["model"], reference["stim_a"], reference["stim_b"], "-o", out,
+                   "--reference", reference["results"], "--label-key", LABEL, *FAST[-3:]])
+    assert result.exit_code == 0, result.output
+    assert _digest(reference["results"]) == before  # the reference is only read
+    res = ad.read_h5ad(out)
+    assert res.n_obs == 300 and res.obsm["X_inmf"].shape == (300, 8) and res.obsm["X_inmf_norm"].shape == (300, 8)
+    truth = res.obs[LABEL].astype(str).to_numpy()
+    predicted = res.obs["inmf_label"].astype(str).to_numpy()
+    assert set(predicted) <= set(truth)
+    assert (predicted == truth).mean() > 0.6  # 8 populations: chance is well below
+    confidence = res.obs["inmf_label_confidence"].to_numpy()
+    distance = res.obs["inmf_mapping_distance"].to_numpy()
+    assert ((confidence > 0) & (confidence <= 1)).all() and (distance >= 0).all()
+    # Confident calls are the better ones.
+    high = confidence >= np.median(confidence)
+    assert (predicted == truth)[high].mean() >= (predicted == truth)[~high].mean()
+
+
+def test_label_key_recorded_by_fit_is_the_default(reference, tmp_path):
+    out = tmp_path / "query.h5ad"
+    result = _cli(["project", reference["model"], reference["stim_a"], "-o", out, "--reference", reference["results"],
+                   *FAST[-3:]])
+    assert result.exit_code == 0, result.output
+    assert "inmf_label" in ad.read_h5ad(out).obs
+
+
+def test_python_equivalent(reference, tmp_path):
+    from onlinemf import pipelines
+
+    out = tmp_path / "query.h5ad"
+    pipelines.project(reference["model"], [reference["stim_a"]], output=out, reference=reference["results"],
+                      label_key=LABEL, outputs=pipelines.OutputOptions(cluster=False, umap=False))
+    assert {"inmf_label", "inmf_label_confidence", "inmf_mapping_distance"} <= set(ad.read_h5ad(out).obs)
+
+
+def _assert_refused(args, out, match):
+    result = _cli(args)
+    assert result.exit_code == 1, result.output
+    lines = [line for line in result.output.strip().splitlines() if line.startswith("Error")]
+    assert len(lines) == 1 and match in lines[0], result.output
+    assert "Traceback" not in result.output
+    assert not Path(out).exists()
+
+
+def test_reference_from_another_model_is_refused(reference, tmp_path):
+    other_results, other_model = tmp_path / "other.h5ad", tmp_path / "other.h5"
+    result = _cli(["fit", reference["ctrl"], "--batch-key", "none", "--seed", "7", "-o", other_results, "--model",
+                   other_model, *FAST])
+    assert result.exit_code == 0, result.output
+    out = tmp_path / "query.h5ad"
+    _assert_refused(["project", reference["model"], reference["stim_a"], "-o", out, "--reference", other_results,
+                     "--label-key", LABEL, "--quiet"], out, "results of another model")
+
+
+def test_missing_label_key_is_refused_with_the_columns(reference, tmp_path):
+    out = tmp_path / "query.h5ad"
+    _assert_refused(["project", reference["model"], reference["stim_a"], "-o", out, "--reference", reference["results"],
+                     "--label-key", "cell_type", "--quiet"], out, f"columns: batch, {LABEL}")
+
+
+def test_query_without_the_model_genes_is_refused(reference, tmp_path):
+    query = ad.read_h5ad(reference["stim_a"])
+    short = tmp_path / "short.h5ad"
+    query[:, : query.n_vars // 2].copy().write_h5ad(short)
+    out = tmp_path / "query.h5ad"
+    _assert_refused(["project", reference["model"], short, "-o", out, "--reference", reference["results"],
+                     "--label-key", LABEL, "--quiet"], out, "genes of the model")
+
+
+def test_model_without_mapping_data_says_what_is_missing(reference, tmp_path):
+    import h5py
+
+    old = tmp_path / "old_model.h5"
+    old.write_bytes(Path(reference["model"]).read_bytes())
+    with h5py.File(old, "r+") as f:  # what a model written before mapping support looks like
+        del f["mapping"]
+    out = tmp_path / "query.h5ad"
+    _assert_refused(["project", old, reference["stim_a"], "-o", out, "--reference", reference["results"],
+                     "--label-key", LABEL, "--quiet"], out, "no reference quantiles")
+    # Without --reference the old model still projects.
+    result = _cli(["project", old, reference["stim_a"], "-o", out, "--quiet", "--no-umap", "--no-cluster"])
+    assert result.exit_code == 0, result.output

@@ -54,9 +54,8 @@ def main() -> None:
     warnings.filterwarnings("ignore")
     import anndata as ad
     import numpy as np
-    from threadpoolctl import threadpool_limits
-
     import pyliger
+    from threadpoolctl import threadpool_limits
 
     args.input, args.output = args.input.resolve(), args.output.resolve()
     args.output.parent.mkdir(parents=True, exist_ok=True)
