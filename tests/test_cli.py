@@ -78,6 +78,8 @@ def test_fit_update_project_scenarios(split_tiny, tmp_path):
     assert r2.exit_code == 0, r2.output
     upd = ad.read_h5ad(tmp_path / "upd.h5ad")
     assert upd.n_obs == 300 and upd.obsm["X_inmf"].shape == (300, 8)
+    # The parameters recorded are the model's (they were FitOptions' defaults, k=20, before the options split).
+    assert upd.uns["inmf"]["params"]["k"] == 8 and upd.uns["inmf"]["params"]["epochs"] == 2
     before = model.read_bytes()
     r3 = run(["project", model2, split_tiny["ctrl"], "-o", tmp_path / "proj.h5ad", "--no-umap", "--quiet"])
     assert r3.exit_code == 0, r3.output
