@@ -41,7 +41,12 @@ class SerialExecutor:
 
 
 class ThreadExecutor:
-    """Runs items on ``n_threads`` threads of one pool, results in item order."""
+    """Runs items on ``n_threads`` threads of one pool, results in item order.
+
+    A phased function (``products``/``solve``/``finish``, see :class:`onlinemf._step.UnitTask`) has its sparse
+    products on the pool and its H solve in the calling thread, overlapped: the solve's many short numpy
+    calls thrash the GIL when two threads run them, while scipy's sparse kernels run beside it freely.
+    """
 
     def __init__(self, pool: ThreadPoolExecutor, n_threads: int):
         self._pool = pool
@@ -51,18 +56,50 @@ class ThreadExecutor:
         items = list(items)
         if len(items) <= 1:
             return [fn(item) for item in items]
+        if _phased(fn):
+            return list(self.imap(fn, items, ahead=len(items)))
         return list(self._pool.map(fn, items))
 
     def imap(self, fn: Callable[[Any], Any], items: Iterable[Any], ahead: int | None = None) -> Iterator:
         """Results of ``fn`` over a (lazy) iterable in order, at most ``ahead`` items in flight (bounded memory)."""
         ahead = 2 * self.n_workers if ahead is None else ahead
-        pending: list = []
-        for item in items:
-            pending.append(self._pool.submit(fn, item))
-            if len(pending) >= ahead:
-                yield pending.pop(0).result()
-        for future in pending:
-            yield future.result()
+        if not _phased(fn):
+            pending: list = []
+            for item in items:
+                pending.append(self._pool.submit(fn, item))
+                if len(pending) >= ahead:
+                    yield pending.pop(0).result()
+            for future in pending:
+                yield future.result()
+            return
+        # products of the next items run on the pool while this thread solves the oldest one, whose finish
+        # then goes to the pool; results come back in item order.
+        started: list = []  # (item, future of products)
+        finishing: list = []  # future of finish
+        source = iter(items)
+        exhausted = False
+        while True:
+            while not exhausted and len(started) + len(finishing) < ahead:
+                item = next(source, _END)
+                if item is _END:
+                    exhausted = True
+                else:
+                    started.append((item, self._pool.submit(fn.products, item)))
+            if started:
+                item, future = started.pop(0)
+                XL = future.result()
+                finishing.append(self._pool.submit(fn.finish, item, XL, fn.solve(item, XL)))
+            while finishing and (finishing[0].done() or not started):
+                yield finishing.pop(0).result()
+            if exhausted and not started and not finishing:
+                return
+
+
+_END = object()
+
+
+def _phased(fn: Any) -> bool:
+    return all(callable(getattr(fn, name, None)) for name in ("products", "solve", "finish"))
 
 
 def resolve_threads(n_threads: int | None) -> int:

@@ -24,6 +24,7 @@ import scipy.sparse as sp
 
 from ._rowrange import CsrRowRange
 from ._solvers import gram, nnls_cd, rhs, row_blocks, squared_norm, xt_times
+from ._uinmf import pad_columns
 
 #: Rows per work unit. Fixed, so that results do not depend on the thread count; large enough that the
 #: per-call overhead of the H solve's numpy calls stays small next to their work, small enough that a
@@ -48,7 +49,13 @@ class DatasetFactors:
 
 
 def dataset_factors(W: np.ndarray, V: np.ndarray | None, lam: float) -> DatasetFactors:
-    """The per-dataset factors of a step: ``L = W + V`` and the Gram matrix (``V=None``: project on W)."""
+    """The per-dataset factors of a step: ``L = W + V`` and the Gram matrix (``V=None``: project on W).
+
+    A ``V`` wider than ``W`` is UINMF's ``[V_i, U_i]`` (:mod:`onlinemf._uinmf`): W is zero on the unshared
+    columns, so ``L = [W + V_i, U_i]`` and the penalty is on ``[V_i, U_i]``.
+    """
+    if V is not None and V.shape[1] != W.shape[1]:
+        W = pad_columns(W, V.shape[1])
     L = W if V is None else W + V
     return DatasetFactors(L=L, G=gram(W, V, lam))
 
@@ -114,10 +121,12 @@ def unit_stats(X, factors: DatasetFactors, n_sweeps: int) -> UnitStats:
     n_sweeps : int
         Coordinate-descent sweeps of the H solve.
     """
-    Ht, XL = _solve(X, factors, n_sweeps)
-    HtH = Ht @ Ht.T
-    XtH = xt_times(X, Ht.T)
-    return UnitStats(HtH=HtH, XtH=XtH, loss=_loss(X, Ht, XL, factors.G), n_rows=X.shape[0])
+    XL = rhs(X, factors.L)
+    return _finish_stats(X, XL, nnls_cd(factors.G, XL.T, n_sweeps=n_sweeps), factors)
+
+
+def _finish_stats(X, XL: np.ndarray, Ht: np.ndarray, factors: DatasetFactors) -> UnitStats:
+    return UnitStats(HtH=Ht @ Ht.T, XtH=xt_times(X, Ht.T), loss=_loss(X, Ht, XL, factors.G), n_rows=X.shape[0])
 
 
 def unit_h(X, factors: DatasetFactors, n_sweeps: int, with_loss: bool = False) -> tuple[np.ndarray, float | None]:
@@ -127,17 +136,60 @@ def unit_h(X, factors: DatasetFactors, n_sweeps: int, with_loss: bool = False) -
     return np.ascontiguousarray(Ht.T), loss
 
 
+class _Phased:
+    """A unit function in three phases, ``finish(item, XL, solve(item, XL))`` with ``XL = products(item)``.
+
+    Local threads run ``products`` (the sparse ``X L^T``) and ``finish`` (the sparse ``X^T H`` and the loss) on
+    the pool: scipy's kernels release the GIL, so they scale. ``solve``, the coordinate-descent H solve, is
+    hundreds of short numpy calls that drop and retake the GIL each time; two threads running it at once
+    thrash the GIL (measured: 2-3x *slower* than one thread), so an executor runs it in one thread, overlapped
+    with the pool's sparse work (:class:`onlinemf._executor.ThreadExecutor`). Calling the object runs the three
+    phases in a row: the same operations, so the same bits, whatever runs them.
+    """
+
+    factors: dict[str, DatasetFactors]
+    n_sweeps: int
+
+    def products(self, item: tuple) -> np.ndarray:
+        name, X = item
+        return rhs(X, self.factors[name].L)
+
+    def solve(self, item: tuple, XL: np.ndarray) -> np.ndarray:
+        return nnls_cd(self.factors[item[0]].G, XL.T, n_sweeps=self.n_sweeps)
+
+    def finish(self, item: tuple, XL: np.ndarray, Ht: np.ndarray):  # pragma: no cover - subclasses
+        raise NotImplementedError
+
+    def __call__(self, item: tuple):
+        XL = self.products(item)
+        return self.finish(item, XL, self.solve(item, XL))
+
+
 @dataclass(frozen=True)
-class UnitTask:
+class UnitTask(_Phased):
     """The map of a step as a picklable function of ``(dataset name, unit)``: :func:`unit_stats` with that
     dataset's factors (a Dask executor sends it once per step to every worker)."""
 
     factors: dict[str, DatasetFactors]
     n_sweeps: int
 
-    def __call__(self, item: tuple) -> UnitStats:
+    def finish(self, item: tuple, XL: np.ndarray, Ht: np.ndarray) -> UnitStats:
         name, X = item
-        return unit_stats(X, self.factors[name], self.n_sweeps)
+        return _finish_stats(X, XL, Ht, self.factors[name])
+
+
+@dataclass(frozen=True)
+class HTask(_Phased):
+    """:func:`unit_h` as a function of ``(dataset name, unit)``: H (n, K) and the unit's loss if ``with_loss``."""
+
+    factors: dict[str, DatasetFactors]
+    n_sweeps: int
+    with_loss: bool = False
+
+    def finish(self, item: tuple, XL: np.ndarray, Ht: np.ndarray) -> tuple[np.ndarray, float | None]:
+        name, X = item
+        loss = _loss(X, Ht, XL, self.factors[name].G) if self.with_loss else None
+        return np.ascontiguousarray(Ht.T), loss
 
 
 def sum_stats(parts: list[UnitStats]) -> UnitStats:
