@@ -230,3 +230,170 @@ def test_open_sources_closes_on_error(tmp_path):
         open_sources([good, tmp_path / "missing.h5ad"])
     with h5py.File(good, "r+") as h5:  # opening for writing fails if a source was left open
         assert "X" in h5
+
+
+# ----------------------------------------------------------------------------- structure, checked at open
+def _edit(path, name, make):
+    """Replace dataset ``name`` of ``path`` by ``make(old values)``."""
+    with h5py.File(path, "r+") as h5:
+        values = h5[name][()]
+        del h5[name]
+        h5[name] = make(values)
+    return path
+
+
+def _set(index, value):
+    def make(values):
+        values = values.copy()
+        values[index] = value
+        return values
+
+    return make
+
+
+# The 6 x 4 test matrix has 23 stored values (its first entry, 0, is not stored).
+@pytest.mark.parametrize(("name", "make", "message"), [
+    ("X/indptr", lambda v: v[:-1], r"expected X/indptr of length 7 \(6 cells \+ 1\), found 6"),
+    ("X/indptr", _set(0, 1), r"expected X/indptr to start at 0, found 1"),
+    ("X/indptr", _set(3, 1), r"expected X/indptr non-decreasing, found \d+ then 1 at position 2"),
+    ("X/indptr", _set(-1, 22), r"expected X/indptr to end at the 23 stored values, found 22"),
+    ("X/indptr", lambda v: v.astype(np.float64), r"expected a 1-D integer array X/indptr, found dtype float64"),
+    ("X/indices", lambda v: v[:-1], r"expected X/data and X/indices of the same length, found 23 and 22"),
+    ("X/indices", lambda v: np.array([b"1"] * len(v)), r"expected a 1-D integer array X/indices, found dtype \|S1"),
+    ("X/data", lambda v: v.reshape(1, -1), r"expected a 1-D numeric array X/data, found 2 dimension\(s\) \(1, 23\)"),
+    ("obs/_index", lambda v: v[:1], r"\(X\): expected 6 cell names in obs \(one per row\), found 1"),
+    ("var/_index", lambda v: v[:3], r"\(X\): expected 4 var names, found 3"),
+])
+def test_structure_refused_at_open(tmp_path, name, make, message):
+    path = _edit(write_h5ad(tmp_path / "d.h5ad"), name, make)
+    with pytest.raises(InputError, match=message) as e:
+        H5adSource(path)
+    one_line(e)
+
+
+def test_missing_arrays_and_groups_named(tmp_path):
+    for name, message in [("X/indptr", "expected a 1-D integer array X/indptr, found none"),
+                          ("X/data", "expected a 1-D numeric array X/data, found none"),
+                          ("obs", "expected a dataframe obs .*, found none"),
+                          ("var", "expected a dataframe var .*, found none")]:
+        path = write_h5ad(tmp_path / f"{name.replace('/', '_')}.h5ad")
+        with h5py.File(path, "r+") as h5:
+            del h5[name]
+        with pytest.raises(InputError, match=message):
+            H5adSource(path)
+
+
+@pytest.mark.parametrize(("value", "message"), [
+    ((7, 4), r"expected 7 cell names in obs \(one per row\), found 6"),
+    ((6, 9), r"expected 9 var names, found 4"),
+    ("bogus", r"expected the shape attribute of X to be two non-negative integers \(a 2-D shape\), found 'bogus'"),
+])
+def test_lying_shape_attribute(tmp_path, value, message):
+    path = write_h5ad(tmp_path / "d.h5ad")
+    with h5py.File(path, "r+") as h5:
+        h5["X"].attrs["shape"] = value
+    with pytest.raises(InputError, match=message):
+        H5adSource(path)
+
+
+def test_csc_marked_as_csr(tmp_path):
+    path = write_h5ad(tmp_path / "d.h5ad")
+    with h5py.File(path, "r+") as h5:
+        h5["X"].attrs["encoding-type"] = "csc_matrix"
+    with pytest.raises(InputError, match=r"expected X/indptr of length 5 \(4 genes \+ 1\), found 7"):
+        H5adSource(path)
+
+
+@pytest.mark.parametrize("bad", [4, -1])
+def test_gene_index_out_of_range_refused_in_its_block(tmp_path, bad):
+    path = _edit(write_h5ad(tmp_path / "d.h5ad"), "X/indices", _set(-1, bad))  # last stored value: cell 5
+    with H5adSource(path) as source:  # the indices are read with the data, block by block
+        assert source.read_block(0, 4).shape == (4, 4)
+        with pytest.raises(InputError, match=rf"d.h5ad \(X\): expected gene indices within 0:4, found {bad} \(damaged file\?\)"):
+            source.read_block(4, 6)
+
+
+def test_cell_index_out_of_range_in_csc_refused_before_conversion(tmp_path):
+    X = sp.csc_matrix(np.arange(1, 25, dtype=np.float32).reshape(6, 4))
+    path = _edit(write_h5ad(tmp_path / "d.h5ad", X), "X/indices", _set(5, 6))
+    (tmp_path / "tmp").mkdir()
+    with pytest.raises(InputError, match=r"d.h5ad \(X\): expected cell indices within 0:6, found 6"):
+        H5adSource(path, tmp_dir=tmp_path / "tmp")
+    assert list((tmp_path / "tmp").iterdir()) == []  # the temporary CSR copy is removed
+
+
+@pytest.mark.parametrize(("make", "message"), [
+    (_set(2, 2), r"expected the codes of obs/batch within -1:2 \(2 categories\), found 2"),
+    (lambda v: v.astype(np.float64), r"expected the codes of obs/batch to be 1-D integers, found dtype float64"),
+    (lambda v: v[:3], r"expected obs column 'batch' to hold 6 cells, found shape \(3,\)"),
+])
+def test_batch_column_checked(tmp_path, make, message):
+    path = _edit(write_h5ad(tmp_path / "d.h5ad"), "obs/batch/codes", make)
+    with pytest.raises(InputError, match=message) as e:
+        open_sources(path, batch_key="batch")
+    one_line(e)
+
+
+def test_unreadable_obs_column_left_out_with_a_warning(tmp_path, caplog):
+    from onlinemf.readers import read_obs
+
+    X = sp.csr_matrix(np.arange(24, dtype=np.float32).reshape(6, 4))
+    path = write_h5ad(tmp_path / "d.h5ad", X)
+    with h5py.File(path, "r+") as h5:  # a second categorical column whose codes lie outside its categories
+        h5.copy(h5["obs/batch"], h5["obs"], "label")
+        h5["obs"].attrs["column-order"] = np.array(["batch", "label"], dtype=object)
+        codes = h5["obs/label/codes"][()]
+        codes[0] = 7
+        del h5["obs/label/codes"]
+        h5["obs/label/codes"] = codes
+    with caplog.at_level("WARNING"):
+        obs = read_obs(path)
+    assert list(obs.columns) == ["batch"] and len(obs) == 6
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "obs column 'label'" in warnings[0] and "left out of the results" in warnings[0]
+    assert "\n" not in warnings[0]
+    assert "label" not in describe(path)["obs_columns"]
+    assert [name for name, _ in __import__("onlinemf.readers", fromlist=["batch_rows"]).batch_rows(path, "batch")] == ["a", "b"]
+
+
+def _write_v3(path, n_cells=3, n_genes=2):
+    X = sp.csc_matrix(np.arange(1, n_genes * n_cells + 1, dtype=np.int32).reshape(n_genes, n_cells))
+    with h5py.File(path, "w") as h5:
+        g = h5.create_group("matrix")
+        g["data"], g["indices"], g["indptr"] = X.data, X.indices, X.indptr
+        g["shape"] = np.array(X.shape)
+        g["barcodes"] = np.array([f"C{i}".encode() for i in range(n_cells)])
+        g["features/name"] = np.array([f"g{j}".encode() for j in range(n_genes)])
+        g["features/id"] = np.array([f"E{j}".encode() for j in range(n_genes)])
+    return path
+
+
+@pytest.mark.parametrize(("name", "make", "message"), [
+    ("matrix/barcodes", lambda v: v[:1], r"expected 3 barcodes \(the shape's second value\) in matrix/barcodes, found 1"),
+    ("matrix/features/name", lambda v: v[:1], r"expected 1 features \(the shape's first value\) in matrix/shape, found 2|expected 1 values"),
+    ("matrix/features/id", lambda v: v[:1], r"expected 2 values \(one per feature\) in matrix/features/id, found 1"),
+    ("matrix/shape", lambda v: v * 2, r"expected 4 features \(the shape's first value\) in matrix/shape, found 2"),
+    ("matrix/indptr", lambda v: v[:-1], r"expected matrix/indptr of length 4 \(3 cells \+ 1\), found 3"),
+    ("matrix/data", lambda v: np.array([b"1"] * len(v)), r"\(/matrix\): expected numeric counts, found dtype \|S1"),
+])
+def test_tenx_structure_refused_at_open(tmp_path, name, make, message):
+    path = _edit(_write_v3(tmp_path / "v3.h5"), name, make)
+    with pytest.raises(InputError, match=message) as e:
+        TenxH5Source(path)
+    one_line(e)
+
+
+@pytest.mark.parametrize("name", ["matrix/barcodes", "matrix/features", "matrix/features/name", "matrix/data", "matrix/indices", "matrix/shape"])
+def test_tenx_missing_piece_named(tmp_path, name):
+    path = _write_v3(tmp_path / "v3.h5")
+    with h5py.File(path, "r+") as h5:
+        del h5[name]
+    with pytest.raises(InputError, match=rf"v3.h5: expected a (group|1-D [\w ]+ array) {name}, found none"):
+        TenxH5Source(path)
+
+
+def test_tenx_gene_index_out_of_range_refused_in_its_block(tmp_path):
+    path = _edit(_write_v3(tmp_path / "v3.h5"), "matrix/indices", _set(-1, 2))
+    with TenxH5Source(path) as source:
+        with pytest.raises(InputError, match=r"expected gene indices within 0:2, found 2"):
+            source.read_block(0, 3)

@@ -4,6 +4,7 @@ describe a file for ``onlinemf info``, guess the batch column, wrap in-memory da
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -176,7 +177,9 @@ def _obs_column(h5: h5py.File, column: str, n_rows: int):
     from anndata.io import read_elem
 
     try:
-        values = read_elem(item)
+        with warnings.catch_warnings():  # e.g. anndata's OldFormatWarning: nothing the user must act on here
+            warnings.simplefilter("ignore")
+            values = read_elem(item)
     except MemoryError:
         raise
     except Exception as exc:  # noqa: BLE001 - a damaged column fails in h5py, numpy, pandas or anndata, in many ways

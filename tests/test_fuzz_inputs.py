@@ -1,0 +1,67 @@
+"""Fast subset of the input fuzzer (tests/fuzz_inputs.py; the whole set: ``python tests/fuzz_inputs.py --all``).
+
+Each mutant is one HDF5 object of a valid small input damaged in one way; the run must be refused cleanly
+(exit 1 or 2, at most 3 stderr lines, no traceback) or succeed correctly, leave the input unchanged, and never
+fit a structurally invalid count matrix.
+"""
+
+import pytest
+
+import fuzz_inputs as F
+
+# (kind, object, mutation) -> expected outcome. Chosen to cover each check: pointers, indices (per block,
+# also in the CSC conversion and before a 10x feature selection), declared shapes, names, dtypes, categorical
+# codes of the batch column, an unused damaged obs column.
+SUBSET = {
+    ("h5ad-csr", "X/indices", "max + 1"): "refused",
+    ("h5ad-csr", "X/indptr", "too large"): "refused",
+    ("h5ad-csr", "X/data", "drop last"): "refused",
+    ("h5ad-csr", "X@shape", "lying (smaller)"): "refused",
+    ("h5ad-csr", "obs/batch/codes", "max + 1"): "ran",  # batch column guessed: a damaged one is not a candidate
+    ("h5ad-csc", "obs/batch/codes", "max + 1"): "refused",  # --batch-key batch
+    ("h5ad-csr", "obs/rliger_leiden/codes", "too large"): "ran",
+    ("h5ad-csc", "X/indices", "negative"): "refused",
+    ("h5ad-csc", "X@encoding-type", "as csr_matrix"): "refused",
+    ("h5ad-dense", "X", "strings"): "refused",
+    ("h5ad-layer", "layers/counts/indptr", "one element"): "refused",
+    ("h5ad-raw", "raw/var/_index", "one element"): "refused",
+    ("10x-v3", "matrix/barcodes", "one element"): "refused",
+    ("10x-v3", "matrix/features/name", "delete"): "refused",
+    ("10x-v3", "matrix/indices", "max + 1"): "refused",
+    ("10x-v2", "GRCh38/shape", "max + 1"): "refused",
+}
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("fuzz")
+    kinds = F.make_inputs(folder / "inputs")
+    return {kind: (base, extra, element, {(m.target, m.how): m for m in F.mutants(kind, base)})
+            for kind, (base, extra, element) in kinds.items()}
+
+
+def test_valid_inputs_run_and_pass_the_oracle(inputs, tmp_path):
+    for kind, (base, extra, element, _) in inputs.items():
+        assert F.matrix_problem(base, kind, element) is None
+        outcome = F.judge(kind, ["fit", base, "-o", tmp_path / "r.h5ad", "--model", tmp_path / "m.h5", *F.RUN, *extra],
+                          base, F._cells(base, kind, element), None, tmp_path / "r.h5ad")
+        assert outcome.status == "ran", outcome
+
+
+def test_every_object_is_mutated(inputs):
+    for kind, (base, _, _, mutants) in inputs.items():
+        targets = {target.split("@")[0] for target, _ in mutants}
+        with F.h5py.File(base, "r") as h5:
+            names = set()
+            h5.visit(names.add)
+        assert names <= targets, (kind, names - targets)
+
+
+@pytest.mark.parametrize(("kind", "target", "how"), list(SUBSET))
+def test_mutant(inputs, tmp_path, kind, target, how):
+    base, extra, element, mutants = inputs[kind]
+    work = tmp_path / "work"
+    work.mkdir()
+    outcome = F.run_mutant(mutants[target, how], base, extra, element, work)
+    assert outcome is not None and not outcome.failed, outcome
+    assert outcome.status == SUBSET[kind, target, how], outcome
