@@ -230,13 +230,17 @@ def hals_update(W, Vs, As, Bs, lam: float, update_v, *, n_sweeps: int = 1, floor
     lam : float
     update_v : list of bool
         Which V_i are updated; all datasets enter the W update.
+
+    A V_i and B_i wider than W (K, genes + u_i) are UINMF's stacked ``[V_i, U_i]`` and ``[B_i, B^U_i]``: W is
+    zero on the unshared columns, so W learns from the shared ones only and the V_i row update there is
+    UINMF's U_i update (:mod:`onlinemf._uinmf`). With no unshared columns the operations are the same as before.
     """
-    K = W.shape[0]
+    K, G = W.shape
     c = 1.0 + lam
     for _ in range(n_sweeps):
         A_sum = sum(As)
-        # Residual target of W: sum_i B_i - A_i V_i (V fixed during the W update).
-        R = sum(Bs) - sum(A @ V for A, V in zip(As, Vs, strict=True))
+        # Residual target of W: sum_i B_i - A_i V_i on the shared genes (V fixed during the W update).
+        R = sum(B[:, :G] for B in Bs) - sum(A @ V[:, :G] for A, V in zip(As, Vs, strict=True))
         for j in range(K):
             row = W[j]
             row += (R[j] - A_sum[j] @ W) / max(float(A_sum[j, j]), _TINY)
@@ -244,7 +248,8 @@ def hals_update(W, Vs, As, Bs, lam: float, update_v, *, n_sweeps: int = 1, floor
         for V, A, B, upd in zip(Vs, As, Bs, update_v, strict=True):
             if not upd:
                 continue
-            T = B - A @ W
+            T = B.copy()
+            T[:, :G] -= A @ W  # unshared columns: W = 0
             for j in range(K):
                 row = V[j]
                 row += (T[j] - c * (A[j] @ V)) / max(c * float(A[j, j]), _TINY)

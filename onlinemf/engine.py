@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from . import _solvers as S
-from . import _step
+from . import _step, _uinmf
 from . import _training as T
 from ._errors import InputError
 from ._executor import local_executor
@@ -62,7 +62,13 @@ class OnlineINMF(ParamsMixin):
     ----------
     W_, components_ : ndarray of shape (K, n_genes)
         Shared factors.
-    V_, B_, B_old_ : dict name -> ndarray of shape (K, n_genes)
+    V_, B_, B_old_ : dict name -> ndarray of shape (K, n_genes + u_i)
+        Dataset factors and statistics; a dataset with u_i unshared features (UINMF, ``unshared=`` in
+        :meth:`fit`) has them stacked, ``[V_i, U_i]`` and ``[B_i, B^U_i]`` (:mod:`onlinemf._uinmf`).
+    U_ : dict name -> ndarray of shape (K, u_i)
+        UINMF's unshared factors (views of ``V_``), only for datasets with unshared features.
+    unshared_names_ : dict name -> ndarray of str of shape (u_i,) or None
+        Names of each such dataset's unshared features (None when fitted without names).
     A_, A_old_ : dict name -> ndarray of shape (K, K)
     n_cells_ : dict name -> int
         Cells per dataset in the plan that fitted it (mini-batch rows for ``partial_fit``).
@@ -106,6 +112,13 @@ class OnlineINMF(ParamsMixin):
         return self.W_.shape[1]
 
     @property
+    def U_(self) -> dict[str, np.ndarray]:
+        return {n: _uinmf.split(V, self.W_.shape[1])[1] for n, V in self.V_.items() if V.shape[1] > self.W_.shape[1]}
+
+    def _n_unshared(self, name: str | None) -> int:
+        return self.V_[name].shape[1] - self.W_.shape[1] if name in self.V_ else 0
+
+    @property
     def feature_names_in_(self) -> np.ndarray:
         if getattr(self, "var_names_in_", None) is None:
             raise AttributeError("feature_names_in_: the model was fitted without gene names")
@@ -127,13 +140,16 @@ class OnlineINMF(ParamsMixin):
         self.V_, self.A_, self.B_, self.A_old_, self.B_old_ = {}, {}, {}, {}, {}
         self.n_cells_, self.n_batches_ = {}, {}
         self.dataset_names_, self.frozen_ = [], set()
+        self.unshared_names_ = {}
         self.n_steps_ = self.n_epochs_ = 0
         self.objective_ = []
         self.var_names_in_ = None if var_names is None else np.asarray(var_names).astype(str)
         self._mode = "fit"
 
-    def _add_dataset(self, name: str, V: np.ndarray, n_cells: int) -> None:
-        K, G = self.W_.shape
+    def _add_dataset(self, name: str, V: np.ndarray, n_cells: int, unshared_names: Any = None) -> None:
+        K, G = V.shape  # G: the model's genes, plus the dataset's unshared features (UINMF)
+        if G > self.W_.shape[1]:
+            self.unshared_names_[name] = None if unshared_names is None else np.asarray(unshared_names).astype(str)
         self.dataset_names_.append(name)
         self.V_[name] = V
         self.A_[name], self.A_old_[name] = np.zeros((K, K), self._dt), np.zeros((K, K), self._dt)
@@ -147,7 +163,9 @@ class OnlineINMF(ParamsMixin):
                 "var_names": self.var_names_in_, "n_steps": self.n_steps_, "n_epochs": self.n_epochs_,
                 "objective": list(self.objective_), "mode": self._mode,
                 "datasets": [{"name": n, "n_cells": self.n_cells_[n], "n_batches": self.n_batches_[n],
-                              "frozen": n in self.frozen_, **{k: getattr(self, f"{k}_")[n] for k in _STATS}}
+                              "frozen": n in self.frozen_,
+                              **_uinmf.split_state({k: getattr(self, f"{k}_")[n] for k in _STATS}, self.W_.shape[1],
+                                                   self.unshared_names_.get(n))}
                              for n in self.dataset_names_]}
 
     @classmethod
@@ -159,9 +177,10 @@ class OnlineINMF(ParamsMixin):
         bitgen.state = state["rng_state"]
         est._reset(np.asarray(state["W"], dtype=est._dt), state.get("var_names"), np.random.Generator(bitgen))
         for d in state["datasets"]:
-            est._add_dataset(str(d["name"]), np.asarray(d["V"], dtype=est._dt), d["n_cells"])
+            arrays = _uinmf.join_state(d, _STATS, est._dt)
+            est._add_dataset(str(d["name"]), arrays["V"], d["n_cells"], d.get("unshared_names"))
             for key in _STATS[1:]:
-                getattr(est, f"{key}_")[str(d["name"])] = np.asarray(d[key], dtype=est._dt)
+                getattr(est, f"{key}_")[str(d["name"])] = arrays[key]
             est.n_batches_[str(d["name"])] = int(d["n_batches"])
             if d["frozen"]:
                 est.frozen_.add(str(d["name"]))
@@ -170,13 +189,14 @@ class OnlineINMF(ParamsMixin):
         est._mode = state.get("mode", "fit")
         return est
 
-    def _check_genes(self, n_genes: int, var_names: np.ndarray | None, what: str) -> None:
+    def _check_genes(self, n_genes: int, var_names: np.ndarray | None, what: str, n_unshared: int = 0) -> None:
         G = self.W_.shape[1]
-        if n_genes != G:
-            msg = f"{what}: expected {G} genes as the model, found {n_genes}"
+        if n_genes != G + n_unshared:
+            extra = f" then its {n_unshared} unshared features" if n_unshared else ""
+            msg = f"{what}: expected {G} genes as the model{extra}, found {n_genes}"
             raise InputError(msg)
         if var_names is not None and self.var_names_in_ is not None:
-            names = np.asarray(var_names).astype(str)
+            names = np.asarray(var_names).astype(str)[:G]
             bad = np.flatnonzero(names != self.var_names_in_)
             if bad.size:
                 msg = (f"{what}: expected the model's genes in the same order, found {bad.size} differing, "
@@ -216,8 +236,8 @@ class OnlineINMF(ParamsMixin):
         self.n_steps_ += 1
         return losses
 
-    def partial_fit(self, X: Any, y: None = None, *, dataset: str | None = None,
-                    new_epoch: bool = False) -> OnlineINMF:
+    def partial_fit(self, X: Any, y: None = None, *, dataset: str | None = None, new_epoch: bool = False,
+                    unshared: Mapping[str, int] | None = None) -> OnlineINMF:
         """One mini-batch update.
 
         Parameters
@@ -232,6 +252,8 @@ class OnlineINMF(ParamsMixin):
         new_epoch : bool, default=False
             The stream just started a new pass over the data: statistics older than the previous epoch
             boundary are dropped (rliger).
+        unshared : dict name -> int, optional
+            For a dataset first seen here: its last u columns are its unshared features (see :meth:`fit`).
         """
         if isinstance(X, Mapping):
             if dataset is not None:
@@ -241,21 +263,23 @@ class OnlineINMF(ParamsMixin):
         else:
             batch = {self._default_dataset() if dataset is None else str(dataset): X}
         batch = {n: self._as_block(x, n) for n, x in batch.items()}
+        counts = _uinmf.unshared_counts(unshared, list(batch))
         if not hasattr(self, "W_"):
             self._validate_params()
             rng = np.random.default_rng(self.random_state)
-            n_genes = S.row_blocks(next(iter(batch.values())))[0].shape[1]
+            first = next(iter(batch))
+            n_genes = _uinmf.n_shared_genes(S.row_blocks(batch[first])[0].shape[1], counts[first], first)
             self._reset(S.init_w(self.n_components, n_genes, rng, self._dt), None, rng)
         for name, x in batch.items():
             for block in S.row_blocks(x):
-                self._check_genes(block.shape[1], None, name)
+                self._check_genes(block.shape[1], None, name, self._n_unshared(name) if name in self.V_ else counts[name])
             if name in self.frozen_:
                 msg = f"partial_fit: expected a new or active dataset, found {name!r} which is frozen (old data after update)"
                 raise InputError(msg)
         for name, x in batch.items():
             if name not in self.V_:
-                self._add_dataset(name, T.sample_v_from_block(x, name, self.n_components, self._rng, self._dt),
-                                  S.n_rows(x))
+                self._add_dataset(name, T.sample_v_from_block(x, name, self.n_components, self._rng, self._dt,
+                                                              self.W_.shape[1]), S.n_rows(x))
         with local_executor(self.n_threads) as executor:
             self._step(batch, new_epoch, executor)
         return self
@@ -268,18 +292,27 @@ class OnlineINMF(ParamsMixin):
         return names[0] if names else "dataset"
 
     # ------------------------------------------------------------------ plans
-    def initialize(self, X: Any) -> OnlineINMF:
+    def initialize(self, X: Any, *, unshared: Mapping[str, int] | None = None) -> OnlineINMF:
         """Start a new model: W ~ U(0,2) (unit-norm factors), V_i from K random cells; draws W, then each V_i."""
         sources = T.as_sources(X)
         self._validate_params()
+        counts = _uinmf.unshared_counts(unshared, [s.name for s in sources])
         rng = np.random.default_rng(self.random_state)
         first = sources[0]
-        self._reset(S.init_w(self.n_components, first.n_genes, rng, self._dt), T.gene_names(first), rng)
-        for s in sources:
-            self._check_genes(s.n_genes, T.gene_names(s), s.name)
-        for s in sources:
-            self._add_dataset(s.name, T.sample_v(s, self.n_components, rng, self._dt), s.n_cells)
+        G = _uinmf.n_shared_genes(first.n_genes, counts[first.name], first.name)
+        names = T.gene_names(first)
+        self._reset(S.init_w(self.n_components, G, rng, self._dt), None if names is None else names[:G], rng)
+        self._add_sources(sources, counts, rng)
         return self
+
+    def _add_sources(self, sources: list[Source], counts: dict[str, int], rng: np.random.Generator) -> None:
+        """Check new datasets' genes (the model's, then ``counts[name]`` unshared features), then draw their V_i."""
+        for s in sources:
+            self._check_genes(s.n_genes, T.gene_names(s), s.name, counts[s.name])
+        G = self.W_.shape[1]
+        for s in sources:
+            self._add_dataset(s.name, T.sample_v(s, self.n_components, rng, self._dt, G), s.n_cells,
+                              _uinmf.unshared_names(T.gene_names(s), G))
 
     def make_plan(self, X: Any) -> MinibatchPlan:
         """The mini-batch plan over the datasets of ``X``, drawing from the model's Generator."""
@@ -294,7 +327,7 @@ class OnlineINMF(ParamsMixin):
 
     # ------------------------------------------------------------------ scenarios
     def fit(self, X: Any, y: None = None, *, progress: Callable | None = None, callback: T.StepCallback | None = None,
-            resume: dict | None = None, client: Any = None) -> OnlineINMF:
+            resume: dict | None = None, client: Any = None, unshared: Mapping[str, int] | None = None) -> OnlineINMF:
         """Scenario 1: factorise all datasets of ``X`` from scratch.
 
         Parameters
@@ -311,10 +344,13 @@ class OnlineINMF(ParamsMixin):
         client : dask.distributed.Client, optional
             Run the steps' work units on this cluster; its workers read their rows from the datasets' files
             (:mod:`onlinemf._dask`). The model equals the local one.
+        unshared : dict name -> int, optional
+            UINMF: dataset ``name``'s last u columns are features only it has (after the model's genes); they are
+            learned as U_i with penalty ``lam`` like V_i. Datasets not named have the model's genes only.
         """
         sources = T.as_sources(X)
         if resume is None:
-            self.initialize(sources)
+            self.initialize(sources, unshared=unshared)
         else:
             self._resume(resume, sources, "fit")
         self._mode = "fit"
@@ -323,13 +359,13 @@ class OnlineINMF(ParamsMixin):
         return self
 
     def update(self, X: Any, *, progress: Callable | None = None, callback: T.StepCallback | None = None,
-               resume: dict | None = None, client: Any = None) -> OnlineINMF:
+               resume: dict | None = None, client: Any = None, unshared: Mapping[str, int] | None = None) -> OnlineINMF:
         """Scenario 2: add new datasets; W continues, the existing datasets are frozen.
 
         Old V/A/B still enter the W update but are not changed, and old data are never read. New datasets get
         V from K random cells, zero A/B and their own plan. Re-solving H of old cells is a separate step
-        (:meth:`transform`). ``X``, ``progress``, ``callback``, ``resume``, ``client``: as in :meth:`fit` (new datasets
-        only).
+        (:meth:`transform`). ``X``, ``progress``, ``callback``, ``resume``, ``client``, ``unshared``: as in :meth:`fit`
+        (new datasets only); frozen datasets keep their U_i as they keep V_i.
         """
         sources = T.as_sources(X)
         self._validate_params()
@@ -341,10 +377,9 @@ class OnlineINMF(ParamsMixin):
                 if s.name in self.V_:
                     msg = f"update: expected new dataset names, found {s.name!r} already in the model"
                     raise InputError(msg)
-                self._check_genes(s.n_genes, T.gene_names(s), s.name)
-            self.frozen_.update(self.dataset_names_)
-            for s in sources:
-                self._add_dataset(s.name, T.sample_v(s, self.n_components, self._rng, self._dt), s.n_cells)
+            old = list(self.dataset_names_)
+            self._add_sources(sources, _uinmf.unshared_counts(unshared, [s.name for s in sources]), self._rng)
+            self.frozen_.update(old)
         self._mode = "update"
         with T.open_executor(self.n_threads, client) as executor:
             T.run_plan(self, sources, executor, progress=progress, callback=callback, position=resume)
@@ -355,7 +390,7 @@ class OnlineINMF(ParamsMixin):
         self._validate_params()
         T.check_position(position, sources, mode)
         for s in sources:  # the checkpoint's genes, in its order
-            self._check_genes(s.n_genes, T.gene_names(s), s.name)
+            self._check_genes(s.n_genes, T.gene_names(s), s.name, self._n_unshared(s.name))
 
     def fit_transform(self, X: Any, y: None = None, **fit_params: Any) -> np.ndarray | list[np.ndarray]:
         """Fit, then H: for one matrix ``fit(X).transform(X)`` (shape (n_cells, K), on W as scikit-learn
@@ -382,7 +417,7 @@ class OnlineINMF(ParamsMixin):
         factors = self._factors(dataset)
         names = T._column_names(X)
         X = as_matrix(materialize(X), "X" if dataset is None else str(dataset), dtype=self._dt)
-        self._check_genes(X.shape[1], names, "X")
+        self._check_genes(X.shape[1], names, "X", self._n_unshared(dataset))
         H = np.empty((X.shape[0], self.n_components), dtype=self._dt)
         blocks = ((a, min(a + 4 * _step.UNIT_ROWS, X.shape[0]), CsrRowRange(X, a, min(a + 4 * _step.UNIT_ROWS, X.shape[0])))
                   for a in range(0, X.shape[0], 4 * _step.UNIT_ROWS))
@@ -394,7 +429,7 @@ class OnlineINMF(ParamsMixin):
                          with_objective: bool = False) -> tuple[np.ndarray, float | None]:
         """H of every cell of ``source`` (n_cells, K), streamed in blocks, and the dataset's exact loss if asked."""
         factors = self._factors(dataset)
-        self._check_genes(source.n_genes, T.gene_names(source), source.name)
+        self._check_genes(source.n_genes, T.gene_names(source), source.name, self._n_unshared(dataset))
         H = np.empty((source.n_cells, self.n_components), dtype=self._dt)
         total = 0.0
         for start, stop, H_block, loss in T.h_blocks(source.iter_blocks(block_size), factors, self._dt, self.h_sweeps,

@@ -3,15 +3,16 @@
 The estimator describes itself (``_state()``) and is rebuilt from that description (``_from_state()``);
 this module only serialises it, and checkpoints through a step callback (:class:`Checkpoint`).
 
-Layout (``format_version`` 1)::
+Layout (``format_version`` 2; version 1, without unshared features, still loads)::
 
     /            attrs: kind, format_version, params (JSON), rng_state (JSON of bit_generator.state),
                         n_steps, n_epochs, objective (JSON), info (JSON), checkpoint (JSON, checkpoints only)
     /W           (K, G) factors x genes
     /var_names   (G,) str, optional
     /datasets/<i>  attrs: name, n_cells, n_batches, frozen; datasets V (K, G), A (K, K), B (K, G),
-                   A_old (K, K), B_old (K, G)
-    /scaling/<i>   (G,) per-gene scale, attr name
+                   A_old (K, K), B_old (K, G); with u unshared features (UINMF, version 2) also U (K, u),
+                   B_U (K, u), B_U_old (K, u) and unshared_names (u,) str, optional
+    /scaling/<i>   (G,) per-gene scale, attr name ((G + u,) for a dataset with u unshared features)
 
 Files are written by :func:`onlinemf._files.atomic_output` (temporary name beside the target, then renamed).
 Loading checks every dataset's shape from the HDF5 metadata before reading any array.
@@ -31,12 +32,15 @@ from ._errors import InputError, ModelError
 from ._files import atomic_output
 from .engine import OnlineINMF
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+#: Versions this module reads: 1 has no unshared features (UINMF's U_i), which version 2 adds.
+READS_VERSIONS = (1, 2)
 KIND = "onlinemf.OnlineINMF"
 MAX_COMPONENTS = 10_000
 MAX_GENES = 50_000_000
 MAX_ELEMENTS = 2**32  # per K x G array; anything larger is refused before reading
 _ARRAYS = ("V", "A", "B", "A_old", "B_old")
+_UNSHARED_ARRAYS = ("U", "B_U", "B_U_old")
 
 
 @dataclass
@@ -108,6 +112,11 @@ def _write(path, est: OnlineINMF, *, scaling=None, info=None, checkpoint_state=N
                 g.attrs["frozen"] = bool(d["frozen"])
                 for key in _ARRAYS:
                     g.create_dataset(key, data=d[key])
+                for key in _UNSHARED_ARRAYS if "U" in d else ():
+                    g.create_dataset(key, data=d[key])
+                if d.get("unshared_names") is not None:
+                    g.create_dataset("unshared_names", data=np.asarray(d["unshared_names"], dtype=object),
+                                     dtype=h5py.string_dtype())
             sg = f.create_group("scaling")
             for i, (name, scale) in enumerate((scaling or {}).items()):
                 d = sg.create_dataset(str(i), data=np.asarray(scale, dtype=np.float64))
@@ -158,6 +167,22 @@ def _dset(path, group, key, shape, dtypes=("f",)):
     return d
 
 
+def _unshared_dsets(path, g, K: int, version: int) -> dict:
+    """A dataset group's UINMF arrays (version 2, when it has unshared features), shapes checked from metadata."""
+    if "U" not in g:
+        return {}
+    if version < 2:
+        _fail(path, f"{g.name.strip('/')}/U in a format_version {version} file")
+    U = g["U"]
+    if not isinstance(U, h5py.Dataset) or U.ndim != 2 or not 1 <= U.shape[1] <= MAX_GENES:
+        _fail(path, f"{g.name.strip('/')}/U is not a (K, u) array")
+    u = U.shape[1]
+    out = {key: _dset(path, g, key, (K, u)) for key in _UNSHARED_ARRAYS}
+    if "unshared_names" in g:
+        out["unshared_names"] = _dset(path, g, "unshared_names", (u,), dtypes=("O", "S", "U"))
+    return out
+
+
 def _json_attr(path, f, key, default=None):
     if key not in f.attrs:
         if default is not None:
@@ -182,8 +207,8 @@ def _load(path):
         if f.attrs.get("kind") != KIND:
             _fail(path, f"kind is {f.attrs.get('kind')!r}, expected {KIND!r}")
         version = f.attrs.get("format_version")
-        if version is None or int(version) != FORMAT_VERSION:
-            _fail(path, f"format_version {version}, this onlinemf reads {FORMAT_VERSION}")
+        if version is None or int(version) not in READS_VERSIONS:
+            _fail(path, f"format_version {version}, this onlinemf reads {' and '.join(map(str, READS_VERSIONS))}")
         params = _json_attr(path, f, "params")
         if not isinstance(params, dict):
             _fail(path, "params is not a mapping")
@@ -218,23 +243,29 @@ def _load(path):
                 _fail(path, f"datasets/{i} is missing or unnamed")
             arrays = {key: _dset(path, g, key, shp) for key, shp in
                       (("V", (K, G)), ("A", (K, K)), ("B", (K, G)), ("A_old", (K, K)), ("B_old", (K, G)))}
+            arrays.update(_unshared_dsets(path, g, K, int(version)))
             entries.append((g, arrays))
         total = K * G * (1 + 3 * len(entries)) + 2 * K * K * len(entries)
+        total += sum(3 * K * a["U"].shape[1] for _, a in entries if "U" in a)
         if total > MAX_ELEMENTS:
             _fail(path, f"{len(entries)} datasets of {K} x {G} factors are implausibly large")
         scal = f.get("scaling")
         scal_d = []
         if isinstance(scal, h5py.Group):
+            # a dataset with unshared features is scaled on the model's genes and its own
+            width = {str(g.attrs["name"]): G + (a["U"].shape[1] if "U" in a else 0) for g, a in entries}
             for i in range(len(scal)):
                 d = scal.get(str(i))
                 if not isinstance(d, h5py.Dataset) or "name" not in d.attrs:
                     _fail(path, f"scaling/{i} is missing or unnamed")
-                scal_d.append(_dset(path, scal, str(i), (G,)))
+                scal_d.append(_dset(path, scal, str(i), (width.get(str(d.attrs["name"]), G),)))
         # Now read.
         dt = np.dtype(est.dtype)
         datasets = []
         for g, arrays in entries:
-            d = {key: arrays[key][...].astype(dt) for key in _ARRAYS}
+            d = {key: arrays[key][...].astype(dt) for key in _ARRAYS + _UNSHARED_ARRAYS if key in arrays}
+            if "unshared_names" in arrays:
+                d["unshared_names"] = np.asarray(arrays["unshared_names"].asstr()[...]).astype(str)
             d.update(name=str(g.attrs["name"]), n_cells=int(g.attrs.get("n_cells", 0)),
                      n_batches=int(g.attrs.get("n_batches", 0)), frozen=bool(g.attrs.get("frozen", False)))
             datasets.append(d)

@@ -75,7 +75,7 @@ def _replace(f, key, data=None, **kw):
 
 
 @pytest.mark.parametrize(("edit", "match"), [
-    (lambda f: f.attrs.__setitem__("format_version", 2), "format_version 2"),
+    (lambda f: f.attrs.__setitem__("format_version", 3), "format_version 3"),
     (lambda f: f.attrs.__setitem__("kind", "something"), "kind is 'something'"),
     (lambda f: _replace(f, "datasets/1/V", np.ones((5, 49))), r"datasets/1/V has shape \(5, 49\), expected \(5, 50\)"),
     (lambda f: _replace(f, "datasets/0/A", np.ones((4, 4))), r"datasets/0/A has shape"),
