@@ -9,16 +9,18 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import tempfile
 import threading
 import weakref
 from collections.abc import Callable, Sequence
 
-import h5py
 import numpy as np
 import scipy.sparse as sp
 
+from ._blockmath import prepare_block
 from ._errors import InputError
+from ._prefetch import prefetch
 from ._rowrange import CsrRowRange
 from ._source import Source, _check_range, csr_ranges, csr_rows
 from .readers._h5ad import iter_split_blocks, split_groups
@@ -59,27 +61,10 @@ def _check_block_size(block_size) -> None:
         raise InputError(msg)
 
 
-def _prepare_block(raw: sp.csr_matrix, col_map: np.ndarray, divisor: np.ndarray, n_out: int) -> sp.csr_matrix:
-    """Normalise rows by their full library size, keep mapped columns, divide by ``divisor``.
-
-    ``col_map[j]`` is the output column of raw gene j, or -1 to drop it; ``divisor`` is per output
-    column (inf where the scale is 0, so those values become 0 and are dropped). Each output row
-    depends only on its raw row, so results do not depend on how rows are blocked.
-    Returns canonical CSR float32 of shape (n_rows, n_out).
-    """
-    n = raw.shape[0]
-    _, inv_lib = _row_scale(raw)
-    cols = col_map[raw.indices]
-    keep = cols >= 0
-    cols = cols[keep]
-    values = ((raw.data[keep] * inv_lib[keep]) / divisor[cols]).astype(np.float32)
-    nonzero = values != 0
-    rows = np.repeat(np.arange(n), np.diff(raw.indptr))[keep][nonzero]
-    indptr = np.zeros(n + 1, dtype=np.int64)
-    np.cumsum(np.bincount(rows, minlength=n), out=indptr[1:])
-    out = sp.csr_matrix((values[nonzero], cols[nonzero], indptr), shape=(n, n_out))
-    out.sort_indices()  # gene_index need not be increasing (other datasets' gene order)
-    return out
+def _prepare_block(raw: sp.csr_matrix, col_map: np.ndarray, divisor: np.ndarray, n_out: int,
+                   lib: np.ndarray | None = None) -> sp.csr_matrix:
+    """See :func:`onlinemf._blockmath.prepare_block` (kept under this name for callers)."""
+    return prepare_block(raw, col_map, divisor, n_out, lib)
 
 
 class _MemoryCache:
@@ -111,60 +96,78 @@ class _MemoryCache:
         self._X, self._parts = None, []
 
 
-def _remove_file(fh: h5py.File, path: str) -> None:
-    try:
-        fh.close()
-    finally:
-        if os.path.exists(path):
-            os.remove(path)
+def _remove_folder(folder: str) -> None:
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def _read_exactly(path: str, dtype, offset: int, count: int) -> np.ndarray:
+    """``count`` items of ``dtype`` at item ``offset`` of a raw binary file (the read releases the GIL)."""
+    out = np.empty(count, dtype=dtype)
+    if count:
+        with open(path, "rb", buffering=0) as fh:
+            fh.seek(offset * out.itemsize)
+            view = memoryview(out).cast("B")
+            got = 0
+            while got < view.nbytes:
+                n = fh.readinto(view[got:])
+                if not n:
+                    msg = f"{path}: the prepared-data cache is shorter than expected (removed or truncated?)"
+                    raise OSError(msg)
+                got += n
+    return out
 
 
 class _DiskCache:
-    """Prepared rows in a temporary HDF5 CSR file (data, indices, indptr), deleted on close."""
+    """Prepared rows as raw binary files (float32 values, int32 columns, int64 row pointers) in a
+    temporary folder, deleted on close.
+
+    Plain files rather than HDF5: appending is one ``write`` per array and reading one ``readinto``
+    per array, both outside the GIL, with no chunk bookkeeping; the 200k-cell cache pass measured
+    in benchmarks/README.md spent 2.6 s of its time in h5py's resize-and-write. Not compressed:
+    the cache is read once per epoch, and compressing it costs more CPU than the page cache saves.
+    """
 
     def __init__(self, n_cols: int, name: str, tmpdir=None):
-        fd, self._path = tempfile.mkstemp(prefix="onlinemf-prepared-", suffix=".h5", dir=tmpdir)
-        os.close(fd)
-        self._n_cols = n_cols
-        self._fh = h5py.File(self._path, "w")
-        self._finalizer = weakref.finalize(self, _remove_file, self._fh, self._path)
-        self._fh.attrs["dataset"] = name
-        chunk = (1 << 16,)
-        self._data = self._fh.create_dataset("data", (0,), np.float32, maxshape=(None,), chunks=chunk)
-        self._indices = self._fh.create_dataset("indices", (0,), np.int32, maxshape=(None,), chunks=chunk)
-        self._indptr = self._fh.create_dataset("indptr", (1,), np.int64, maxshape=(None,), chunks=chunk)
+        self._folder = tempfile.mkdtemp(prefix="onlinemf-prepared-", dir=tmpdir)
+        self._finalizer = weakref.finalize(self, _remove_folder, self._folder)
+        self._n_cols, self.name = n_cols, name
+        self._paths = {key: os.path.join(self._folder, key) for key in ("data", "indices", "indptr")}
+        self._files = {key: open(path, "wb") for key, path in self._paths.items()}  # noqa: SIM115 - closed in finish/close
+        np.zeros(1, dtype=np.int64).tofile(self._files["indptr"])
         self._nnz = 0
+        self._indptr: np.ndarray | None = None
 
     @property
     def path(self) -> str:
-        return self._path
+        return self._folder
 
     def append(self, block: sp.csr_matrix) -> None:
-        nnz, n = block.nnz, block.shape[0]
-        self._data.resize((self._nnz + nnz,))
-        self._indices.resize((self._nnz + nnz,))
-        self._data[self._nnz:] = block.data
-        self._indices[self._nnz:] = block.indices
-        rows = self._indptr.shape[0]
-        self._indptr.resize((rows + n,))
-        self._indptr[rows:] = block.indptr[1:].astype(np.int64) + self._nnz
-        self._nnz += nnz
+        block.data.astype(np.float32, copy=False).tofile(self._files["data"])
+        block.indices.astype(np.int32, copy=False).tofile(self._files["indices"])
+        (block.indptr[1:].astype(np.int64) + self._nnz).tofile(self._files["indptr"])
+        self._nnz += block.nnz
+
+    def _close_files(self) -> None:
+        for fh in self._files.values():
+            fh.close()
+        self._files = {}
 
     def finish(self) -> _DiskCache:
-        self._fh.close()
-        self._fh = h5py.File(self._path, "r")
-        self._finalizer.detach()
-        self._finalizer = weakref.finalize(self, _remove_file, self._fh, self._path)
-        self._data, self._indices = self._fh["data"], self._fh["indices"]
-        self._indptr = self._fh["indptr"]
+        self._close_files()
+        # 8 bytes per cell, mapped: only the windows that reads touch are paged in
+        self._indptr = np.memmap(self._paths["indptr"], dtype=np.int64, mode="r")
         return self
 
     def read(self, start: int, stop: int) -> sp.csr_matrix:
-        indptr = self._indptr[start:stop + 1]
+        indptr = np.array(self._indptr[start:stop + 1])
         lo, hi = int(indptr[0]), int(indptr[-1])
-        return sp.csr_matrix((self._data[lo:hi], self._indices[lo:hi], indptr - lo), shape=(stop - start, self._n_cols))
+        data = _read_exactly(self._paths["data"], np.float32, lo, hi - lo)
+        indices = _read_exactly(self._paths["indices"], np.int32, lo, hi - lo)
+        return sp.csr_matrix((data, indices, indptr - lo), shape=(stop - start, self._n_cols))
 
     def close(self) -> None:
+        self._close_files()
+        self._indptr = None
         self._finalizer()
 
 
@@ -185,15 +188,18 @@ class PreparedSource(Source):
         Divisor per selected gene (see :func:`scale_factors`).
     cache : {None, "memory", "disk"}
         Keep the prepared rows after the first full pass (an :meth:`iter_blocks` run to the end, or
-        :meth:`build_cache`, which a first :meth:`read_block` triggers), in memory as CSR or in a
-        temporary HDF5 file under ``tmpdir`` deleted on :meth:`close`. Cached reads equal uncached ones.
+        :meth:`build_cache`, which a first :meth:`read_block` triggers), in memory as CSR or in
+        temporary binary files under ``tmpdir`` deleted on :meth:`close`. Cached reads equal uncached ones.
     tmpdir : path or None
     block_size : int
         Cells per raw read when the cache is built by a :meth:`read_block`.
+    lib_size : array of float64, shape (n_cells,), optional
+        The source's library sizes as the statistics pass computed them
+        (:attr:`DatasetStats.lib_size`): rows are then not summed again. Bit-identical either way.
     """
 
     def __init__(self, source: Source, gene_index, scale, *, cache: str | None = None, tmpdir=None,
-                 block_size: int = 20000):
+                 block_size: int = 20000, lib_size=None):
         gene_index = np.asarray(gene_index, dtype=np.int64).ravel()
         scale = np.asarray(scale, dtype=np.float64).ravel()
         if gene_index.size != scale.size:
@@ -213,7 +219,15 @@ class PreparedSource(Source):
         self.gene_index, self.scale = gene_index, scale
         self.cache_mode, self._tmpdir, self._block_size = cache, tmpdir, int(block_size)
         self._var = np.asarray(source.var_names)[gene_index]
-        self._col_map = np.full(source.n_genes, -1, dtype=np.int64)
+        if lib_size is not None:
+            lib_size = np.asarray(lib_size, dtype=np.float64).ravel()
+            if lib_size.size != source.n_cells:
+                msg = f"{source.name}: expected one library size per cell ({source.n_cells}), found {lib_size.size}"
+                raise InputError(msg)
+        self._lib_size = lib_size
+        # int32 where it fits: the per-value gather col_map[indices] is a third faster than with int64
+        map_dtype = np.int32 if gene_index.size < 2**31 else np.int64
+        self._col_map = np.full(source.n_genes, -1, dtype=map_dtype)
         self._col_map[gene_index] = np.arange(gene_index.size)
         self._divisor = np.where(scale > 0, scale, np.inf)
         self._cache: _MemoryCache | _DiskCache | None = None
@@ -242,10 +256,11 @@ class PreparedSource(Source):
         return self._cache is not None
 
     def _compute(self, start: int, stop: int) -> sp.csr_matrix:
-        return self._prepare(self._raw.read_block(start, stop))
+        return self._prepare(self._raw.read_block(start, stop), start, stop)
 
-    def _prepare(self, raw: sp.csr_matrix) -> sp.csr_matrix:
-        return _prepare_block(raw, self._col_map, self._divisor, self.gene_index.size)
+    def _prepare(self, raw: sp.csr_matrix, start: int, stop: int) -> sp.csr_matrix:
+        lib = None if self._lib_size is None else self._lib_size[start:stop]
+        return _prepare_block(raw, self._col_map, self._divisor, self.gene_index.size, lib)
 
     def _new_cache(self) -> _MemoryCache | _DiskCache:
         if self.cache_mode == "memory":
@@ -297,10 +312,15 @@ class PreparedSource(Source):
                 if self._cache is not cache:
                     cache.close()
 
-    def _iter_computed(self, block_size: int):
+    def _iter_raw(self, block_size: int):
         for start in range(0, self.n_cells, block_size):
             stop = min(start + block_size, self.n_cells)
-            yield start, stop, self._compute(start, stop)
+            yield start, stop, self._raw.read_block(start, stop)
+
+    def _iter_computed(self, block_size: int):
+        # the next raw block is read (and decoded) on a helper thread while this one is prepared
+        for start, stop, raw in prefetch(self._iter_raw(block_size)):
+            yield start, stop, self._prepare(raw, start, stop)
 
     def iter_blocks(self, block_size: int):
         """Yield ``(start, stop, block)`` over all cells; the first complete pass fills the cache."""
@@ -346,8 +366,8 @@ def build_caches(prepared: Sequence[PreparedSource], *, block_size: int | None =
         caches = [member._new_cache() for member in members]
         try:
             raws = [member.source for member in members]
-            for i, start, stop, raw in iter_split_blocks(raws, block_size or members[0]._block_size):
-                caches[i].append(members[i]._prepare(raw))
+            for i, start, stop, raw in prefetch(iter_split_blocks(raws, block_size or members[0]._block_size)):
+                caches[i].append(members[i]._prepare(raw, start, stop))
                 if progress is not None:
                     progress(stop - start)
             for member, cache in zip(members, caches, strict=True):

@@ -4,7 +4,7 @@ Every statistic is gathered in ONE streaming pass over ``source.iter_blocks(bloc
 float64 accumulators, so memory does not grow with the number of cells (apart from one float64
 library size per cell). The prepared data (normalised by the full-row library size, restricted to
 the selected genes, divided by the per-gene root mean square) is produced per block on demand by
-:class:`PreparedSource`, optionally cached in memory or in a temporary HDF5 file.
+:class:`PreparedSource`, optionally cached in memory or in temporary binary files.
 
 Cells with a zero library size ("empty" cells) stay all-zero rows. They are left out of the
 statistics (means, variances, ``nu``, scale factors), which matches rliger, whose ``createLiger``
@@ -21,13 +21,15 @@ import numpy as np
 import scipy.sparse as sp
 from scipy.special import ndtri
 
+from ._blockmath import block_statistics
 from ._errors import InputError
+from ._prefetch import prefetch
+from ._validation import check_distinct_names
 from ._prepared import (
     PreparedSource,
     Progress,
     _check_block_size,
     _row_scale,
-    _sum_by,
     check_cache_mode,
 )
 from ._source import Source, check_values
@@ -147,13 +149,11 @@ class _StatsAccumulator:
 
     def add(self, start: int, stop: int, block: sp.csr_matrix) -> None:
         check_values(block.data, self.source.name)
-        m = self.gene_sum.size
-        lib, inv = _row_scale(block)
+        lib, gene_sum, gene_sumsq, gene_nnz = block_statistics(block)
         self.lib_size[start:stop] = lib
-        values = block.data * inv
-        self.gene_sum += _sum_by(block.indices, values, m)
-        self.gene_sumsq += _sum_by(block.indices, values * values, m)
-        self.gene_nnz += np.bincount(block.indices[block.data != 0], minlength=m)
+        self.gene_sum += gene_sum
+        self.gene_sumsq += gene_sumsq
+        self.gene_nnz += gene_nnz
 
     def result(self) -> DatasetStats:
         source, n = self.source, self.lib_size.size
@@ -192,7 +192,8 @@ def compute_stats_all(sources: Sequence[Source], *, block_size: int = 20000,
     _check_block_size(block_size)
     accumulators = [_StatsAccumulator(src) for src in sources]
     for group in split_groups(sources):
-        for i, start, stop, block in iter_split_blocks([sources[g] for g in group], block_size):
+        # the next block is read (and decoded) on a helper thread while this one is summed
+        for i, start, stop, block in prefetch(iter_split_blocks([sources[g] for g in group], block_size)):
             accumulators[group[i]].add(start, stop, block)
             if progress is not None:
                 progress(stop - start)
@@ -424,10 +425,7 @@ def prepare(sources: Sequence[Source], *, genes=None, thresh: float = 0.1, alpha
     if not sources:
         msg = "sources: expected at least one dataset, found none"
         raise InputError(msg)
-    names = [s.name for s in sources]
-    if len(set(names)) != len(names):
-        msg = f"sources: expected distinct dataset names, found {names}"
-        raise InputError(msg)
+    check_distinct_names([s.name for s in sources])
     check_cache_mode(cache)  # before the streaming pass, not after it
     _check_block_size(block_size)
     for src in sources:
@@ -447,7 +445,7 @@ def prepare(sources: Sequence[Source], *, genes=None, thresh: float = 0.1, alpha
     scales = {st.name: scale_factors(st, genes) for st in stats}
     prepared = [
         PreparedSource(src, _gene_positions(src.var_names, genes, src.name), scales[src.name],
-                       cache=cache, tmpdir=tmpdir, block_size=block_size)
-        for src in sources
+                       cache=cache, tmpdir=tmpdir, block_size=block_size, lib_size=st.lib_size)
+        for src, st in zip(sources, stats, strict=True)
     ]
     return Prepared(sources=prepared, genes=genes, stats=stats, scales=scales)

@@ -161,3 +161,92 @@ def test_tenx_blocks_equal_plain_h5py(shared_data, small_tasks):
                 expected = expected[:, src._kept]
             for a, b in [(0, src.n_cells), (11, 200)]:
                 np.testing.assert_array_equal(src.read_block(a, b).toarray(), expected[a:b].toarray().astype(np.float32))
+
+
+# ----------------------------------------------------------------------------- prefetch
+def test_prefetch_keeps_order_and_stays_bounded():
+    from onlinemf._prefetch import prefetch
+
+    made = []
+
+    def produce():
+        for i in range(50):
+            made.append(i)
+            yield i
+
+    seen = []
+    for item in prefetch(produce(), depth=2):
+        assert len(made) - len(seen) <= 2 + 2  # queued, being made, being handed over
+        seen.append(item)
+    assert seen == list(range(50))
+
+
+def test_prefetch_raises_where_the_producer_failed():
+    from onlinemf._prefetch import prefetch
+
+    def produce():
+        yield 1
+        yield 2
+        raise OSError("damaged block")
+
+    seen = []
+    with pytest.raises(OSError, match="damaged block"):
+        for item in prefetch(produce()):
+            seen.append(item)
+    assert seen == [1, 2]
+
+
+def test_prefetch_stops_the_producer_when_abandoned():
+    import threading
+
+    from onlinemf._prefetch import prefetch
+
+    closed = threading.Event()
+
+    def produce():
+        try:
+            for i in range(10**6):
+                yield i
+        finally:
+            closed.set()
+
+    items = prefetch(produce())
+    assert [next(items) for _ in range(3)] == [0, 1, 2]
+    items.close()
+    assert closed.is_set()
+    assert not any(t.name == "onlinemf-prefetch" for t in threading.enumerate())
+
+
+def test_prefetch_passes_the_thread_setting_on():
+    from onlinemf._prefetch import prefetch
+
+    def produce():
+        yield _decode.read_threads()
+
+    with set_read_threads(1):
+        assert list(prefetch(produce())) == [1]
+    with set_read_threads(3):
+        assert list(prefetch(produce())) == [3]
+
+
+@pytest.mark.parametrize("filters", ["gzip", "lzf"])
+def test_prepared_passes_do_not_depend_on_the_thread_count(tmp_path, rng, filters):
+    """Statistics, selection and the disk cache: identical arrays with 1 and 2 decoding threads."""
+    from onlinemf.preprocess import prepare
+
+    X = counts(rng, n=400, m=60, density=0.3)
+    path = tmp_path / "x.h5ad"
+    write_h5ad(path, X, "csr", filters, chunk=101)
+    results = []
+    for threads in (1, 2):
+        with set_read_threads(threads), H5adSource(path) as src:
+            prepared = prepare([src], n_genes=20, block_size=64, cache="disk", tmpdir=tmp_path)
+            with prepared:
+                block = prepared.sources[0].read_block(0, src.n_cells)
+                results.append((prepared.stats[0], prepared.genes, block))
+    (st1, g1, b1), (st2, g2, b2) = results
+    np.testing.assert_array_equal(g1, g2)
+    for key in ("lib_size", "gene_sum", "gene_sumsq", "gene_nnz"):
+        np.testing.assert_array_equal(getattr(st1, key), getattr(st2, key))
+    for key in ("indptr", "indices", "data"):
+        np.testing.assert_array_equal(getattr(b1, key), getattr(b2, key))
