@@ -20,6 +20,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from .._source import check_indices
+from ._decode import read_range
 from ._rows import SPAN_VALUES, CsrRows, as_float32
 
 logger = logging.getLogger(__name__)
@@ -78,10 +79,10 @@ def convert_csc(group: h5py.Group, shape: tuple[int, int], out_path: Path, *, pr
     buckets = [out_path.with_name(f"{out_path.name}.bucket{i}") for i in range(len(chunk_starts))]
     for c0, c1 in col_blocks:
         first, last = int(colptr[c0]), int(colptr[c1])
-        ids = np.asarray(row_ids[first:last])
+        ids = np.asarray(read_range(row_ids, first, last))
         check_indices(ids, n_rows, f"{group.file.filename} ({group.name.lstrip('/')})", what="cell")  # before scipy's kernels
         block = sp.csc_matrix(
-            (as_float32(data[first:last]), ids, colptr[c0 : c1 + 1] - first),
+            (as_float32(read_range(data, first, last)), ids, colptr[c0 : c1 + 1] - first),
             shape=(n_rows, c1 - c0),
         ).tocsr()  # the rows of each chunk are now one contiguous range
         for bucket, r0 in zip(buckets, chunk_starts, strict=True):
