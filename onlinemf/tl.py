@@ -150,9 +150,12 @@ def integrate(
     Raises
     ------
     InputError
-        Unknown ``batch_key`` or ``layer``, a single batch, cells without a batch, or (with
-        ``key_added=None``) a slot that already exists.
+        Unknown ``batch_key`` or ``layer``, a single batch, cells without a batch, an unusable ``key_added``,
+        or (with ``key_added=None``) a slot that already exists.
     """
+    if key_added is not None and (not isinstance(key_added, str) or not key_added or "/" in key_added):
+        msg = f"key_added: expected a non-empty name without '/', found {key_added!r}"
+        raise InputError(msg)
     key = _keys.UNS if key_added is None else key_added
     names = _keys.slots(key)
     writes = [(attr, name) for attr, name in names.items()

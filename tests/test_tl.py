@@ -137,6 +137,9 @@ def test_bad_batch_labels_and_layer(adata):
         tl.integrate(adata, "batch", **FAST)
     with pytest.raises(InputError, match="layer 'counts' is not in adata.layers"):
         tl.integrate(adata, "batch", layer="counts", **FAST)
+    for bad in ("", "a/b", 3):
+        with pytest.raises(InputError, match="key_added: expected a non-empty name"):
+            tl.integrate(adata, "batch", key_added=bad, **FAST)
 
 
 def test_signature_and_every_parameter_documented():
