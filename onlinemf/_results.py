@@ -10,12 +10,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import anndata as ad
 import h5py
 import numpy as np
 import pandas as pd
 
-from . import _keys
+from . import _keys, _warmup
 from ._errors import InputError
 from ._files import atomic_output
 from .readers import read_obs
@@ -173,6 +172,9 @@ def write_results(path, table: ResultsTable, *, H, H_norm=None, clusters=None, u
     if clusters is not None:
         labels = np.asarray(clusters).astype(str)
         obs[_keys.OBS_CLUSTER] = pd.Categorical(labels, categories=sorted(set(labels), key=_natural))
+    _warmup.wait()  # anndata may be being imported in the background (pipelines start it)
+    import anndata as ad
+
     adata = ad.AnnData(obs=obs, var=var)
     adata.obsm[_keys.OBSM_H] = H
     if H_norm is not None:
