@@ -174,6 +174,14 @@ def _default_output(inputs: Sequence[Path], suffix: str) -> Path:
     return Path.cwd() / (first.name.split(".")[0] + suffix)
 
 
+def _dataset_list(value: str | None) -> tuple[str, ...]:
+    """``--unshared a,b`` as ("a", "b"); names are checked against the datasets once they are read."""
+    names = tuple(n.strip() for n in (value or "").split(",") if n.strip())
+    if value is not None and not names:
+        raise InputError(f"--unshared: expected dataset names separated by commas, found {value!r}")
+    return names
+
+
 @main.command()
 @click.argument("inputs", nargs=-1, required=True, type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--k", "k", default=20, type=click.IntRange(min=1), help="Number of factors K.")
@@ -184,6 +192,10 @@ def _default_output(inputs: Sequence[Path], suffix: str) -> Path:
 @click.option("--n-genes", default=None, type=click.IntRange(min=1), help="Select this many variable genes (instead of --var-thresh).")
 @click.option("--var-thresh", default=0.1, type=float, help="rliger's variance threshold for gene selection.")
 @click.option("--combine", default="union", type=click.Choice(["union", "intersection"]), help="How per-dataset gene sets combine.")
+@click.option("--unshared", default=None, metavar="DATASET[,DATASET...]",
+              help="UINMF: these datasets also keep their variable genes that the others lack (absent from their "
+                   "files or without counts there), learned as dataset-specific factors U_i.")
+@click.option("--unshared-thresh", default=0.1, type=float, help="Variance threshold of the --unshared genes (rliger's unsharedThresh).")
 @_input_options
 @click.option("-o", "--output", type=OUT_FILE, default=None, help="Results .h5ad. Default: INPUT_inmf.h5ad in the current folder (INPUT: the first input's name).")
 @click.option("--model", type=OUT_FILE, default=None, help="Model .h5 for update/project. Default: INPUT_model.h5 in the current folder.")
@@ -193,7 +205,7 @@ def _default_output(inputs: Sequence[Path], suffix: str) -> Path:
 @click.option("--resume", is_flag=True, help="Continue from --checkpoint if it exists.")
 @_user_errors
 def fit(inputs: tuple[Path, ...], k: int, lam: float, epochs: int, batch_size: int, seed: int, n_genes: int | None,
-        var_thresh: float, combine: str, batch_key: str | None, layer: str | None, use_raw: bool, genome: str | None,
+        var_thresh: float, combine: str, unshared: str | None, unshared_thresh: float, batch_key: str | None, layer: str | None, use_raw: bool, genome: str | None,
         threads: int, quiet: bool, verbose: int, output: Path | None, model: Path | None, cluster: bool, umap: bool,
         resolution: float, plots: Path | None, copy_x: bool, checkpoint: Path | None, checkpoint_every: int,
         resume: bool) -> None:
@@ -205,11 +217,13 @@ def fit(inputs: tuple[Path, ...], k: int, lam: float, epochs: int, batch_size: i
     key = _resolve_batch_key(inputs, batch_key, quiet)
     output = output or _default_output(inputs, "_inmf.h5ad")
     model = model or _default_output(inputs, "_model.h5")
+    selection = pipelines.GeneSelection(n_genes=n_genes, var_thresh=var_thresh, combine=combine,
+                                        unshared=_dataset_list(unshared), unshared_thresh=unshared_thresh)
     summary = pipelines.fit(
         inputs, output=output, model=model,
         params=pipelines.ModelParams(k=k, lam=lam, epochs=epochs, batch_size=batch_size, seed=seed, threads=threads),
         reading=pipelines.InputOptions(batch_key=key, layer=layer, use_raw=use_raw, genome=genome),
-        selection=pipelines.GeneSelection(n_genes=n_genes, var_thresh=var_thresh, combine=combine),
+        selection=selection,
         outputs=pipelines.OutputOptions(cluster=cluster, umap=umap, resolution=resolution, seed=seed, plots=plots,
                                         copy_x=copy_x),
         checkpoint=checkpoint, checkpoint_every=checkpoint_every, resume=resume, progress=_progress(quiet),

@@ -98,12 +98,19 @@ class GeneSelection:
         rliger's ``selectGenes`` threshold and significance.
     combine : {"union", "intersection"}
         How the per-dataset gene sets combine.
+    unshared : tuple of str
+        UINMF: datasets that also keep their variable genes the others lack (not in their file or without counts
+        there), learned as unshared factors U_i (rliger's ``useUnsharedDatasets``).
+    unshared_thresh : float
+        Variance threshold of those genes (rliger's ``unsharedThresh``).
     """
 
     n_genes: int | None = None
     var_thresh: float = 0.1
     alpha: float = 0.99
     combine: str = "union"
+    unshared: tuple[str, ...] = ()
+    unshared_thresh: float = 0.1
 
 
 @dataclass(frozen=True)
@@ -267,18 +274,20 @@ def fit(
     if resume and checkpoint is None:
         msg = "resume: expected a checkpoint path to continue from, found none (--checkpoint PATH)"
         raise InputError(msg)
-    resume_from, genes = None, None
+    resume_from, genes, unshared_genes = None, None, None
     if resume and checkpoint is not None and Path(checkpoint).exists():
         # A resumed fit keeps the checkpoint's genes, so it continues exactly the same problem.
         resume_from = Path(checkpoint)
         genes = _checkpoint_genes(resume_from, params)
+        unshared_genes = _checkpoint_unshared(resume_from)
     elif resume:
         logger.info("no checkpoint at %s yet: starting from the beginning", checkpoint)
     t0 = time.perf_counter()
     timings: dict[str, float] = {}
     with threadpool_limits(limits=params.threads):
         select = {"thresh": selection.var_thresh, "alpha": selection.alpha, "n_genes": selection.n_genes,
-                  "combine": selection.combine}
+                  "combine": selection.combine, "unshared_thresh": selection.unshared_thresh,
+                  "unshared": list(selection.unshared) if unshared_genes is None else unshared_genes}
         with _prepared_inputs(inputs, reading, outputs, progress, k=params.k, genes=genes, cache=cache,
                               check=lambda sources: _check_cells_for_k(sources, params.k), **select) as (sources, prepared):
             timings["preprocess_s"] = time.perf_counter() - t0
@@ -291,7 +300,8 @@ def fit(
                 est.set_params(n_threads=params.threads)
             t = time.perf_counter()
             with progress(total=None, desc="factorize", unit="batch") as bar:
-                est.fit(prepared.sources, progress=_step_progress(bar), callback=saver, resume=position)
+                est.fit(prepared.sources, progress=_step_progress(bar), callback=saver, resume=position,
+                        unshared={name: g.size for name, g in prepared.unshared.items()})
             timings["factorize_s"] = time.perf_counter() - t
             summary = _finish("fit", est, inputs, sources, prepared, reading, outputs, progress, output=output,
                               model=model, timings=timings,
@@ -573,6 +583,7 @@ def _postprocess_and_write(table, H_blocks, est, genes, outputs: OutputOptions, 
         "timings": {k: float(v) for k, v in timings.items()},
         "datasets": np.asarray(list(summary.datasets)),
         "scenario": summary.scenario,
+        **_unshared_uns(est),
     }
     W = np.zeros((len(table.var_names), est.W_.shape[0]), dtype=np.float32)
     pos = table.gene_positions(genes)
@@ -630,7 +641,25 @@ def _option_params(*options) -> dict:
         if isinstance(opts, OutputOptions):  # its seed is post-processing's, not the model's
             values["postprocess_seed"] = values.pop("seed")
         p.update(values)
-    return {k: ("" if v is None else str(v) if isinstance(v, Path) else v) for k, v in p.items()}
+    return {k: ("" if v is None else str(v) if isinstance(v, Path) else ",".join(v) if isinstance(v, tuple) else v)
+            for k, v in p.items()}
+
+
+def _checkpoint_unshared(path) -> dict[str, np.ndarray]:
+    """The unshared genes of each dataset of checkpoint ``path`` (UINMF), so a resumed fit keeps them."""
+    est = load_model(path).estimator
+    return {name: np.asarray(est.unshared_names_[name]) for name in est.U_}
+
+
+def _unshared_uns(est) -> dict:
+    """``uns['inmf']['unshared']``: per dataset with unshared features (UINMF), its name, their names and U_i
+    as (u_i, K), features x factors like ``varm`` W. Empty when no dataset has any."""
+    entries = {}
+    for i, (name, U) in enumerate(est.U_.items()):
+        names = est.unshared_names_.get(name)
+        names = np.asarray([f"unshared{j}" for j in range(U.shape[1])] if names is None else names).astype(str)
+        entries[str(i)] = {"dataset": name, "genes": names, "U": np.ascontiguousarray(U.T, dtype=np.float32)}
+    return {"unshared": entries} if entries else {}
 
 
 def _model_info(selection: GeneSelection, reading: InputOptions, inputs) -> dict:
@@ -641,6 +670,8 @@ def _model_info(selection: GeneSelection, reading: InputOptions, inputs) -> dict
             "alpha": selection.alpha,
             "n_genes": selection.n_genes,
             "combine": selection.combine,
+            "unshared": list(selection.unshared),
+            "unshared_thresh": selection.unshared_thresh,
             "scale": "per-dataset RMS, no centring",
         },
         "inputs": [str(p) for p in inputs],

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import scipy.sparse as sp
@@ -47,6 +47,7 @@ __all__ = [
     "prepare",
     "scale_factors",
     "select_genes",
+    "select_unshared_genes",
 ]
 
 def normalize_rows(X) -> sp.csr_matrix:
@@ -318,6 +319,51 @@ def select_genes(stats_list: Sequence[DatasetStats], *, thresh: float = 0.1, alp
     return candidates[keep]
 
 
+def select_unshared_genes(stats_list: Sequence[DatasetStats], datasets: Sequence[str], *, thresh: float = 0.1,
+                          alpha: float = 0.99) -> dict[str, np.ndarray]:
+    """Each named dataset's variable genes that are not shared, as rliger's ``selectGenes(useUnsharedDatasets=,
+    unsharedThresh=)``: UINMF's unshared features.
+
+    A gene is shared when every dataset has it by name with counts (rliger's ``removeMissing``: a gene with no
+    counts in a dataset, e.g. one .h5ad whose batches were concatenated with zeros, is absent from it). Among the
+    named dataset's other genes with counts, those passing its variance test (:func:`select_genes`'s, with
+    ``thresh`` = ``unsharedThresh``) are kept, in its gene order.
+
+    Parameters
+    ----------
+    stats_list : sequence of DatasetStats
+        Every dataset (sharing is judged over all of them).
+    datasets : sequence of str
+        Names of the datasets whose unshared features are wanted.
+    thresh, alpha : float
+
+    Returns
+    -------
+    dict name -> ndarray of str of shape (u_i,)
+    """
+    by_name = {st.name: st for st in stats_list}
+    unknown = [d for d in datasets if d not in by_name]
+    if unknown:
+        msg = f"unshared: expected dataset names among {list(by_name)}, found {unknown}"
+        raise InputError(msg)
+    present = [set(st.var_names[st.gene_nnz > 0].tolist()) for st in stats_list]
+    shared = set.intersection(*present)
+    out = {}
+    for name in datasets:
+        st = by_name[name]
+        pos = _first_positions(st.var_names)
+        first = np.zeros(st.n_genes, dtype=bool)
+        first[list(pos.values())] = True
+        own = first & (st.gene_nnz > 0) & ~np.isin(st.var_names, list(shared))
+        _, passes, _ = _gene_test(st, thresh, alpha)
+        out[name] = st.var_names[own & passes]
+        logger.info("%s: %d unshared genes with counts, %d pass thresh=%g", name, int(own.sum()), out[name].size, thresh)
+        if out[name].size == 0:
+            logger.warning("%s: no unshared variable genes (unshared_thresh=%g): it is fitted on the shared genes only",
+                           name, thresh)
+    return out
+
+
 def _top_by_score(score: np.ndarray, eligible: np.ndarray, n_top: int) -> np.ndarray:
     """Mask of the ``n_top`` genes ranked eligible-first, then by decreasing finite score."""
     finite = np.isfinite(score)
@@ -377,13 +423,16 @@ class Prepared:
         The genes used, in output column order.
     stats : list of DatasetStats
     scales : dict of str -> ndarray of float64, shape (n_genes,)
-        Per dataset name, the per-gene divisor.
+        Per dataset name, the per-gene divisor ((n_genes + u_i,) with unshared features).
+    unshared : dict of str -> ndarray of str, shape (u_i,)
+        Datasets with unshared features (UINMF): their names. Those sources yield ``genes`` then these columns.
     """
 
     sources: list[PreparedSource]
     genes: np.ndarray
     stats: list[DatasetStats]
     scales: dict[str, np.ndarray]
+    unshared: dict[str, np.ndarray] = field(default_factory=dict)
 
     def close(self) -> None:
         """Drop every source's cache."""
@@ -399,7 +448,8 @@ class Prepared:
 
 def prepare(sources: Sequence[Source], *, genes=None, thresh: float = 0.1, alpha: float = 0.99,
             n_genes: int | None = None, combine: str = "union", block_size: int = 20000,
-            cache: str | None = None, tmpdir=None, progress: Progress = None) -> Prepared:
+            cache: str | None = None, tmpdir=None, progress: Progress = None, unshared=None,
+            unshared_thresh: float = 0.1) -> Prepared:
     """Statistics (one pass per dataset, or per file for batch splits), gene selection and scaling, as rliger does.
 
     Parameters
@@ -416,6 +466,10 @@ def prepare(sources: Sequence[Source], *, genes=None, thresh: float = 0.1, alpha
         Passed to :class:`PreparedSource`.
     progress : callable or None
         Called with the number of cells of each block once it is processed.
+    unshared : sequence of str, dict name -> array of str, or None
+        UINMF: datasets whose unshared variable genes (:func:`select_unshared_genes` at ``unshared_thresh``) are
+        appended to their columns, or, as a dict, the unshared genes to use (e.g. a checkpoint's).
+    unshared_thresh : float
 
     Returns
     -------
@@ -442,10 +496,16 @@ def prepare(sources: Sequence[Source], *, genes=None, thresh: float = 0.1, alpha
     stats = compute_stats_all(sources, block_size=block_size, progress=progress)
     if genes is None:
         genes = select_genes(stats, thresh=thresh, alpha=alpha, n_genes=n_genes, combine=combine)
-    scales = {st.name: scale_factors(st, genes) for st in stats}
+    if isinstance(unshared, dict):
+        own = {str(n): np.asarray(g).astype(str) for n, g in unshared.items()}
+    else:
+        own = select_unshared_genes(stats, list(unshared or ()), thresh=unshared_thresh, alpha=alpha)
+    own = {n: g for n, g in own.items() if g.size}
+    columns = {st.name: np.concatenate([genes, own[st.name]]) if st.name in own else genes for st in stats}
+    scales = {st.name: scale_factors(st, columns[st.name]) for st in stats}
     prepared = [
-        PreparedSource(src, _gene_positions(src.var_names, genes, src.name), scales[src.name],
+        PreparedSource(src, _gene_positions(src.var_names, columns[src.name], src.name), scales[src.name],
                        cache=cache, tmpdir=tmpdir, block_size=block_size, lib_size=st.lib_size)
         for src, st in zip(sources, stats, strict=True)
     ]
-    return Prepared(sources=prepared, genes=genes, stats=stats, scales=scales)
+    return Prepared(sources=prepared, genes=genes, stats=stats, scales=scales, unshared=own)
