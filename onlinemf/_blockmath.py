@@ -126,3 +126,44 @@ def prepare_block(raw: sp.csr_matrix, col_map: np.ndarray, divisor: np.ndarray, 
     out = sp.csr_matrix((values, cols, indptr), shape=(raw.shape[0], n_out))
     out.sort_indices()  # gene_index need not be increasing (other datasets' gene order)
     return out
+
+
+def row_pieces(indptr: np.ndarray, n_pieces: int) -> list[tuple[int, int]]:
+    """Split rows ``0:len(indptr)-1`` into at most ``n_pieces`` contiguous ``(r0, r1)`` ranges holding
+    about the same number of stored values each (none empty unless there are no rows)."""
+    n = len(indptr) - 1
+    targets = np.linspace(indptr[0], indptr[-1], n_pieces + 1)[1:-1]
+    cuts = np.unique(np.concatenate(([0], np.searchsorted(indptr, targets), [n])))
+    return [(int(a), int(b)) for a, b in zip(cuts[:-1], cuts[1:], strict=True) if b > a] or [(0, n)]
+
+
+def rows_of(X: sp.csr_matrix, r0: int, r1: int) -> sp.csr_matrix:
+    """Rows ``r0:r1`` of ``X`` sharing its data and indices (only the row pointers are new)."""
+    a, b = int(X.indptr[r0]), int(X.indptr[r1])
+    return sp.csr_matrix((X.data[a:b], X.indices[a:b], X.indptr[r0 : r1 + 1] - a), shape=(r1 - r0, X.shape[1]),
+                         copy=False)
+
+
+def prepare_block_in_pieces(raw: sp.csr_matrix, col_map: np.ndarray, divisor: np.ndarray, n_out: int,
+                            lib: np.ndarray | None, n_pieces: int, map_fn=map) -> sp.csr_matrix:
+    """:func:`prepare_block` on ``n_pieces`` row ranges through ``map_fn`` (e.g. a thread pool's
+    ``map``; numpy and scipy release the GIL on these large arrays), then stacked.
+
+    Every output row depends on its raw row only, so the result equals :func:`prepare_block`'s,
+    bit for bit, for any number of pieces.
+    """
+    pieces = row_pieces(raw.indptr, n_pieces)
+    if len(pieces) == 1:
+        return prepare_block(raw, col_map, divisor, n_out, lib)
+
+    def one(bounds: tuple[int, int]) -> sp.csr_matrix:
+        r0, r1 = bounds
+        return prepare_block(rows_of(raw, r0, r1), col_map, divisor, n_out, None if lib is None else lib[r0:r1])
+
+    parts = list(map_fn(one, pieces))
+    offsets = np.cumsum([0] + [p.nnz for p in parts])
+    indptr = np.concatenate([[0]] + [p.indptr[1:].astype(np.int64) + off for p, off in zip(parts, offsets, strict=False)])
+    out = sp.csr_matrix((np.concatenate([p.data for p in parts]), np.concatenate([p.indices for p in parts]), indptr),
+                        shape=(raw.shape[0], n_out))
+    out.has_sorted_indices = True  # each part is sorted
+    return out

@@ -18,16 +18,19 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import scipy.sparse as sp
 
-from ._blockmath import prepare_block
+from ._blockmath import prepare_block, prepare_block_in_pieces
 from ._errors import InputError
 from ._prefetch import prefetch
 from ._rowrange import CsrRowRange
 from ._source import Source, _check_range, csr_ranges, csr_rows
+from .readers._decode import read_threads, thread_pool
 from .readers._h5ad import iter_split_blocks, split_groups
 
 logger = logging.getLogger("onlinemf.preprocess")
 
 Progress = Callable[[int], object] | None
+# Stored values from which a raw block is prepared on several threads (smaller: thread overhead wins).
+PIECE_VALUES = 1 << 18
 
 def _sum_by(index: np.ndarray, weights: np.ndarray, n: int) -> np.ndarray:
     """Float64 sums of ``weights`` grouped by ``index`` in 0:n, shape (n,)."""
@@ -260,6 +263,10 @@ class PreparedSource(Source):
 
     def _prepare(self, raw: sp.csr_matrix, start: int, stop: int) -> sp.csr_matrix:
         lib = None if self._lib_size is None else self._lib_size[start:stop]
+        threads = read_threads()
+        if threads > 1 and raw.nnz >= PIECE_VALUES:  # rows are independent: same bits on any thread count
+            return prepare_block_in_pieces(raw, self._col_map, self._divisor, self.gene_index.size, lib,
+                                           threads, thread_pool(threads).map)
         return _prepare_block(raw, self._col_map, self._divisor, self.gene_index.size, lib)
 
     def _new_cache(self) -> _MemoryCache | _DiskCache:

@@ -112,3 +112,24 @@ def test_empty_blocks():
     assert not lib.any() and not s.any() and not nnz.any()
     out = prepare_block(X, np.arange(6), np.ones(6), 6)
     assert out.shape == (4, 6) and out.nnz == 0
+
+
+@pytest.mark.parametrize("n_pieces", [1, 2, 3, 7, 500])
+def test_prepare_in_pieces_equals_one_piece(n_pieces):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from onlinemf._blockmath import prepare_block_in_pieces, row_pieces
+
+    X = raw_block(4, with_zeros=True)
+    col_map = np.full(X.shape[1], -1, dtype=np.int32)
+    genes = np.arange(0, X.shape[1], 3)[::-1]  # decreasing: every row needs sorting
+    col_map[genes] = np.arange(genes.size)
+    divisor = np.linspace(0.5, 3, genes.size)
+    whole = prepare_block(X, col_map, divisor, genes.size)
+    pieces = row_pieces(X.indptr, n_pieces)
+    assert pieces[0][0] == 0 and pieces[-1][1] == X.shape[0] and len(pieces) <= n_pieces
+    with ThreadPoolExecutor(2) as pool:
+        split = prepare_block_in_pieces(X, col_map, divisor, genes.size, None, n_pieces, pool.map)
+    assert split.has_canonical_format
+    for key in ("indptr", "indices", "data"):
+        np.testing.assert_array_equal(getattr(split, key), getattr(whole, key))

@@ -230,9 +230,12 @@ def test_prefetch_passes_the_thread_setting_on():
 
 
 @pytest.mark.parametrize("filters", ["gzip", "lzf"])
-def test_prepared_passes_do_not_depend_on_the_thread_count(tmp_path, rng, filters):
-    """Statistics, selection and the disk cache: identical arrays with 1 and 2 decoding threads."""
+def test_prepared_passes_do_not_depend_on_the_thread_count(tmp_path, rng, filters, monkeypatch):
+    """Statistics, selection and the disk cache: identical arrays with 1 and 2 threads."""
+    from onlinemf import _prepared
     from onlinemf.preprocess import prepare
+
+    monkeypatch.setattr(_prepared, "PIECE_VALUES", 100)  # blocks prepared in pieces on the pool
 
     X = counts(rng, n=400, m=60, density=0.3)
     path = tmp_path / "x.h5ad"

@@ -57,7 +57,8 @@ def set_read_threads(threads: int | None):
         _settings.threads = previous
 
 
-def _pool(threads: int) -> ThreadPoolExecutor:
+def thread_pool(threads: int) -> ThreadPoolExecutor:
+    """The process-wide pool of ``threads`` threads (made on first use) that decodes chunks."""
     with _pools_lock:
         pool = _pools.get(threads)
         if pool is None:
@@ -175,7 +176,7 @@ def read_range(dataset, lo: int, hi: int, *, threads: int | None = None) -> np.n
         for group in groups:
             _decode_into(out, group, filters, dtype, chunks)
         return out
-    futures = [_pool(threads).submit(_decode_into, out, group, filters, dtype, chunks) for group in groups]
+    futures = [thread_pool(threads).submit(_decode_into, out, group, filters, dtype, chunks) for group in groups]
     for future in futures:
         future.result()
     return out
