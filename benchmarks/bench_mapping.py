@@ -216,17 +216,18 @@ def pyliger_mapping(name: str, path: Path, adata, seeds, args) -> list[dict]:
     ``quantile_norm`` over reference + query (its only way to normalise a projected dataset), then our vote
     (cosine) on its projected H and on its normalised H."""
     rows = []
+    pattern = WORK / f"mapping_pyliger_{name}_{{query}}_{{seed}}.npz"
+    cmd = [str(PYLIGER_PYTHON), str(PYLIGER_RUNNER), "--input", str(path), "--queries", *batches(adata),
+           "--seeds", *map(str, seeds), "--k", str(args.k), "--output", str(pattern)]
+    if args.batch_size:
+        cmd += ["--batch-size", str(args.batch_size)]
+    done = subprocess.run(cmd, check=False, capture_output=True, text=True)
+    if done.returncode != 0:
+        print(f"pyliger failed on {name}: {done.stderr.strip().splitlines()[-1:]}", flush=True)
+        return rows
     for held in batches(adata):
         for seed in seeds:
-            out = WORK / f"mapping_pyliger_{name}_{held}_{seed}.npz"
-            cmd = [str(PYLIGER_PYTHON), str(PYLIGER_RUNNER), "--input", str(path), "--query", held,
-                   "--seed", str(seed), "--k", str(args.k), "--output", str(out)]
-            if args.batch_size:
-                cmd += ["--batch-size", str(args.batch_size)]
-            done = subprocess.run(cmd, check=False, capture_output=True, text=True)
-            if done.returncode != 0:
-                print(f"pyliger failed on {name}/{held}: {done.stderr.strip().splitlines()[-1:]}", flush=True)
-                continue
+            out = Path(str(pattern).replace("{query}", held).replace("{seed}", str(seed)))
             res = np.load(out, allow_pickle=True)
             truth = res["query_labels"].astype(str)
             for variant, (query, ref) in {"pyliger raw-cosine": ("H_query", "H_ref"),

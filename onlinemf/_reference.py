@@ -16,7 +16,13 @@ import pandas as pd
 
 from . import _keys
 from ._errors import InputError
-from .readers._h5 import dataframe_columns, index_length, open_h5, read_column, read_index
+from .readers._h5 import (
+    dataframe_columns,
+    index_length,
+    open_h5,
+    read_column,
+    read_index,
+)
 
 
 @dataclass
@@ -99,3 +105,20 @@ def read_reference(path, *, label_key: str, W: np.ndarray, genes) -> ReferenceCe
         H = np.asarray(H_d[...], dtype=np.float32)[labelled]
     return ReferenceCells(H=H, labels=labels[labelled].astype(str).to_numpy(dtype=object), n_cells=n_cells,
                           label_key=label_key)
+
+
+def input_labels(inputs, label_key: str) -> tuple[str, ...]:
+    """The labels (sorted, missing values left out) of obs column ``label_key`` across the ``.h5ad`` ``inputs``.
+
+    Read before ``onlinemf fit`` does any work, so that a misspelt key fails at once.
+    """
+    found: set[str] = set()
+    for path in inputs:
+        with open_h5(path) as h5:
+            columns = dataframe_columns(h5, "obs") if "obs" in h5 else []
+            if label_key not in columns:
+                msg = f"--label-key {label_key}: not an obs column of {path}; columns: {', '.join(map(str, columns)) or 'none'}"
+                raise InputError(msg)
+            values = pd.Series(read_column(h5, label_key, n_rows=index_length(h5, "obs")))
+        found.update(values.dropna().astype(str))
+    return tuple(sorted(found))

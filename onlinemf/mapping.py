@@ -46,7 +46,7 @@ logger = logging.getLogger(__name__)
 SCALE_SAMPLE = 5000
 METRICS = ("euclidean", "cosine")
 
-__all__ = ["LabelTransfer", "ReferenceQuantiles", "align_to_reference", "reference_quantiles", "transfer_labels"]
+__all__ = ["LabelTransfer", "MappingRecord", "ReferenceQuantiles", "align_to_reference", "reference_quantiles", "transfer_labels"]
 
 
 @dataclass(frozen=True)
@@ -96,6 +96,24 @@ class ReferenceQuantiles:
         """The scalar attributes, JSON-able (for a model file)."""
         return {"reference": str(self.reference), "min_cells": int(self.min_cells), "n_neighbors": int(self.n_neighbors),
                 "max_sample": int(self.max_sample), "refine_knn": bool(self.refine_knn), "eps": float(self.eps)}
+
+
+@dataclass(frozen=True)
+class MappingRecord:
+    """What a model file keeps so that queries can be mapped onto its reference without the reference's cells.
+
+    Attributes
+    ----------
+    quantiles : ReferenceQuantiles
+    label_key : str or None
+        The obs column named by ``onlinemf fit --label-key`` (the default label column for ``project``).
+    labels : tuple of str
+        The labels that column held in the reference (sorted).
+    """
+
+    quantiles: ReferenceQuantiles
+    label_key: str | None = None
+    labels: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
