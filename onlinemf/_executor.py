@@ -84,11 +84,11 @@ class ThreadExecutor:
                 if item is _END:
                     exhausted = True
                 else:
-                    started.append((item, self._pool.submit(fn.products, item)))
+                    started.append((item, self._pool.submit(fn.products, item)))  # type: ignore[attr-defined]  # phased
             if started:
                 item, future = started.pop(0)
                 XL = future.result()
-                finishing.append(self._pool.submit(fn.finish, item, XL, fn.solve(item, XL)))
+                finishing.append(self._pool.submit(fn.finish, item, XL, fn.solve(item, XL)))  # type: ignore[attr-defined]
             while finishing and (finishing[0].done() or not started):
                 yield finishing.pop(0).result()
             if exhausted and not started and not finishing:

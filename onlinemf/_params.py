@@ -17,14 +17,14 @@ from ._errors import InputError
 
 
 def _is_int(v: Any, lo: int) -> bool:
-    return isinstance(v, numbers.Integral) and not isinstance(v, bool) and v >= lo
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool) and int(v) >= lo
 
 
 def constraints() -> dict:
     """OnlineINMF's parameters: name -> (check, what is expected)."""
     return {
         "n_components": (lambda v: _is_int(v, 1), "an int >= 1"),
-        "lam": (lambda v: isinstance(v, numbers.Real) and not isinstance(v, bool) and np.isfinite(v) and v >= 0,
+        "lam": (lambda v: isinstance(v, numbers.Real) and not isinstance(v, bool) and np.isfinite(float(v)) and float(v) >= 0,
                 "a float >= 0"),
         "batch_size": (lambda v: _is_int(v, 1), "an int >= 1"),
         "max_epochs": (lambda v: _is_int(v, 1), "an int >= 1"),

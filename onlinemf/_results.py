@@ -41,7 +41,7 @@ class ResultsTable:
     placement: list
     names: list
     single_h5ad: Path | None
-    obs_reader: Callable[[], pd.DataFrame] = field(repr=False, default=None)
+    obs_reader: Callable[[], pd.DataFrame] = field(repr=False)
 
     @classmethod
     def from_sources(cls, inputs, sources, batch_key=None) -> ResultsTable:

@@ -157,7 +157,8 @@ def run_plan(est: Any, sources: list[Source], executor: SerialExecutor | ThreadE
     """
     if position is None:
         plan_rng_state = est._rng.bit_generator.state
-        done, acc = 0, {"loss": {}, "cells": {}}
+        done = 0
+        acc: dict[str, dict[str, float]] = {"loss": {}, "cells": {}}
     else:
         plan_rng_state = position["plan_rng_state"]
         est._rng.bit_generator.state = plan_rng_state

@@ -114,7 +114,7 @@ def split_state(arrays: dict[str, np.ndarray], n_shared: int, names: np.ndarray 
     ``U``/``B_U``/``B_U_old`` plus ``unshared_names`` when it has unshared features (unchanged otherwise)."""
     if arrays["V"].shape[1] == n_shared:
         return arrays
-    out = dict(arrays)
+    out: dict[str, Any] = dict(arrays)
     for key, ukey in _UNSHARED_KEYS.items():
         out[key], out[ukey] = split(arrays[key], n_shared)
     out["unshared_names"] = names

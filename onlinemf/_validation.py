@@ -6,6 +6,8 @@ not on each other. Every check raises :class:`~onlinemf._errors.InputError` with
 
 from __future__ import annotations
 
+from collections import Counter
+
 import numpy as np
 
 from ._errors import InputError
@@ -62,7 +64,7 @@ def dataset_codes(datasets, n_cells: int, name: str = "datasets") -> tuple[list,
         msg = f"{name}: expected one label per cell, shape ({n_cells},), found shape {labels.shape}"
         raise InputError(msg)
     if labels.dtype == object or labels.dtype.kind == "f":
-        missing = np.equal(labels, None) | (labels != labels)  # None or NaN
+        missing = np.equal(labels, None) | (labels != labels)  # type: ignore[call-overload]  # None or NaN
         if missing.any():
             msg = f"{name}: expected a label for every cell, found {int(missing.sum())} missing"
             raise InputError(msg)
@@ -94,8 +96,7 @@ def check_matrix(X, name: str = "X", *, dims: str = "n_dims") -> np.ndarray:
 
 def check_distinct_names(names: list[str], what: str = "dataset names", where: str = "sources") -> None:
     """Raise :class:`InputError` when ``names`` repeat (dataset names, batch categories, ...), naming the repeats."""
-    seen: set[str] = set()
-    repeated = sorted({n for n in names if n in seen or seen.add(n)})
+    repeated = sorted(name for name, count in Counter(names).items() if count > 1)
     if repeated:
         msg = f"{where}: expected distinct {what}, found {repeated} more than once among {names[:20]}"
         raise InputError(msg)

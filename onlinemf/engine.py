@@ -22,6 +22,7 @@ from ._executor import local_executor
 from ._params import ParamsMixin, constraints
 from ._rowrange import CsrRowRange, materialize
 from ._source import Source, as_matrix
+from ._step import DatasetFactors  # by name: the method _step hides the module in the class body
 from .schedule import MinibatchPlan
 
 
@@ -120,9 +121,10 @@ class OnlineINMF(ParamsMixin):
 
     @property
     def feature_names_in_(self) -> np.ndarray:
-        if getattr(self, "var_names_in_", None) is None:
+        names = getattr(self, "var_names_in_", None)
+        if names is None:
             raise AttributeError("feature_names_in_: the model was fitted without gene names")
-        return self.var_names_in_
+        return names
 
     # ------------------------------------------------------------------ state
     @property
@@ -137,12 +139,18 @@ class OnlineINMF(ParamsMixin):
     def _reset(self, W: np.ndarray, var_names: np.ndarray | None, rng: np.random.Generator) -> None:
         self._rng = rng
         self.W_ = W
-        self.V_, self.A_, self.B_, self.A_old_, self.B_old_ = {}, {}, {}, {}, {}
-        self.n_cells_, self.n_batches_ = {}, {}
-        self.dataset_names_, self.frozen_ = [], set()
-        self.unshared_names_ = {}
+        self.V_: dict[str, np.ndarray] = {}
+        self.A_: dict[str, np.ndarray] = {}
+        self.B_: dict[str, np.ndarray] = {}
+        self.A_old_: dict[str, np.ndarray] = {}
+        self.B_old_: dict[str, np.ndarray] = {}
+        self.n_cells_: dict[str, int] = {}
+        self.n_batches_: dict[str, int] = {}
+        self.dataset_names_: list[str] = []
+        self.frozen_: set[str] = set()
+        self.unshared_names_: dict[str, np.ndarray | None] = {}
         self.n_steps_ = self.n_epochs_ = 0
-        self.objective_ = []
+        self.objective_: list[float] = []
         self.var_names_in_ = None if var_names is None else np.asarray(var_names).astype(str)
         self._mode = "fit"
 
@@ -401,7 +409,7 @@ class OnlineINMF(ParamsMixin):
         return [self.transform_source(s, dataset=s.name)[0] for s in T.as_sources(X)]
 
     # ------------------------------------------------------------------ H and objective
-    def _factors(self, dataset: str | None) -> _step.DatasetFactors:
+    def _factors(self, dataset: str | None) -> DatasetFactors:
         self._check_fitted()
         if dataset is not None and dataset not in self.V_:
             msg = f"dataset: expected one of {self.dataset_names_}, found {dataset!r}"
@@ -440,6 +448,6 @@ class OnlineINMF(ParamsMixin):
 
     def objective(self, X: Any, *, block_size: int = 10000) -> float:
         """Exact objective over known datasets, H re-solved per block, streamed."""
-        return sum(self.transform_source(s, dataset=s.name, block_size=block_size, with_objective=True)[1]
-                   for s in T.as_sources(X))
+        return sum(self.transform_source(s, dataset=s.name, block_size=block_size, with_objective=True)[1]  # type: ignore[misc]
+                   for s in T.as_sources(X))  # with_objective=True: never None
 

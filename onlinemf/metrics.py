@@ -221,7 +221,7 @@ def evaluate(H_norm, datasets, *, clusters=None, labels=None, random_state=1) ->
             if lab.shape != clusters.shape:
                 msg = f"labels: expected shape {clusters.shape}, found {lab.shape}"
                 raise InputError(msg)
-            known = ~(np.equal(lab, None) | (lab != lab) | np.equal(lab, ""))
+            known = ~(np.equal(lab, None) | (lab != lab) | np.equal(lab, ""))  # type: ignore[call-overload]
             if known.any():
                 true = lab[known].astype(str)
                 out.update(ari=ari(true, clusters[known]), nmi=nmi(true, clusters[known]),

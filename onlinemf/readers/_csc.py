@@ -86,7 +86,7 @@ def convert_csc(group: h5py.Group, shape: tuple[int, int], out_path: Path, *, pr
             shape=(n_rows, c1 - c0),
         ).tocsr()  # the rows of each chunk are now one contiguous range
         for bucket, r0 in zip(buckets, chunk_starts, strict=True):
-            r1 = min(r0 + rows_per_chunk, n_rows)
+            r1 = min(int(r0) + rows_per_chunk, n_rows)
             a, b = int(block.indptr[r0]), int(block.indptr[r1])
             if b > a:
                 records = np.empty(b - a, dtype=_TRIPLET)
@@ -103,7 +103,7 @@ def convert_csc(group: h5py.Group, shape: tuple[int, int], out_path: Path, *, pr
         out_data, out_indices = _appendable(out, "data", np.float32), _appendable(out, "indices", np.int32)
         indptr = np.zeros(n_rows + 1, dtype=np.int64)
         for bucket, r0 in zip(buckets, chunk_starts, strict=True):
-            r1 = min(r0 + rows_per_chunk, n_rows)
+            r1 = min(int(r0) + rows_per_chunk, n_rows)
             records = np.fromfile(bucket, dtype=_TRIPLET) if bucket.exists() else np.empty(0, dtype=_TRIPLET)
             chunk = sp.coo_matrix((records["val"], (records["row"], records["col"])), shape=(r1 - r0, n_cols)).tocsr()
             del records

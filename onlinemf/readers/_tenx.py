@@ -154,7 +154,7 @@ class TenxH5Source(Source):
             logger.warning("%s: duplicated gene names made unique with -1, -2, ... suffixes (e.g. %s)", self._label, ", ".join(dups))
         self._var = make_unique(names)
         self._reader = CsrRows(group["data"], group["indices"], indptr, (n_cells, n_features))
-        self._obs = None
+        self._obs: np.ndarray | None = None
 
     @property
     def n_cells(self) -> int:
