@@ -109,7 +109,7 @@ def _read_exactly(path: str, dtype, offset: int, count: int) -> np.ndarray:
     if count:
         with open(path, "rb", buffering=0) as fh:
             fh.seek(offset * out.itemsize)
-            view = memoryview(out).cast("B")
+            view = memoryview(out).cast("B")  # type: ignore[arg-type]  # numpy arrays are buffers
             got = 0
             while got < view.nbytes:
                 n = fh.readinto(view[got:])
@@ -162,7 +162,7 @@ class _DiskCache:
         return self
 
     def read(self, start: int, stop: int) -> sp.csr_matrix:
-        indptr = np.array(self._indptr[start:stop + 1])
+        indptr = np.array(self._indptr[start:stop + 1])  # type: ignore[index]  # set by finish()
         lo, hi = int(indptr[0]), int(indptr[-1])
         data = _read_exactly(self._paths["data"], np.float32, lo, hi - lo)
         indices = _read_exactly(self._paths["indices"], np.int32, lo, hi - lo)
@@ -280,7 +280,7 @@ class PreparedSource(Source):
             return self._compute(start, stop)
         if self._cache is None:
             self.build_cache()
-        return self._cache.read(start, stop)
+        return self._cache.read(start, stop)  # type: ignore[union-attr]  # built just above
 
     def _memory_cache_for(self, ranges) -> _MemoryCache | None:
         """The memory cache (built on first use) after checking ``ranges``; None with another mode."""
