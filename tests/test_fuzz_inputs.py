@@ -5,9 +5,8 @@ Each mutant is one HDF5 object of a valid small input damaged in one way; the ru
 fit a structurally invalid count matrix.
 """
 
-import pytest
-
 import fuzz_inputs as F
+import pytest
 
 # (kind, object, mutation) -> expected outcome. Chosen to cover each check: pointers, indices (per block,
 # also in the CSC conversion and before a 10x feature selection), declared shapes, names, dtypes, categorical

@@ -325,7 +325,7 @@ def test_cell_index_out_of_range_in_csc_refused_before_conversion(tmp_path):
 @pytest.mark.parametrize(("make", "message"), [
     (_set(2, 2), r"expected the codes of obs/batch within -1:2 \(2 categories\), found 2"),
     (lambda v: v.astype(np.float64), r"expected the codes of obs/batch to be 1-D integers, found dtype float64"),
-    (lambda v: v[:3], r"expected obs column 'batch' to hold 6 cells, found shape \(3,\)"),
+    (lambda v: v[:3], r"expected obs column 'batch' to hold 6 values \(one per name in obs\), found shape \(3,\)"),
 ])
 def test_batch_column_checked(tmp_path, make, message):
     path = _edit(write_h5ad(tmp_path / "d.h5ad"), "obs/batch/codes", make)
@@ -335,7 +335,7 @@ def test_batch_column_checked(tmp_path, make, message):
 
 
 def test_unreadable_obs_column_left_out_with_a_warning(tmp_path, caplog):
-    from onlinemf.readers import read_obs
+    from onlinemf.readers import batch_rows, read_obs
 
     X = sp.csr_matrix(np.arange(24, dtype=np.float32).reshape(6, 4))
     path = write_h5ad(tmp_path / "d.h5ad", X)
@@ -353,7 +353,7 @@ def test_unreadable_obs_column_left_out_with_a_warning(tmp_path, caplog):
     assert len(warnings) == 1 and "obs column 'label'" in warnings[0] and "left out of the results" in warnings[0]
     assert "\n" not in warnings[0]
     assert "label" not in describe(path)["obs_columns"]
-    assert [name for name, _ in __import__("onlinemf.readers", fromlist=["batch_rows"]).batch_rows(path, "batch")] == ["a", "b"]
+    assert [name for name, _ in batch_rows(path, "batch")] == ["a", "b"]
 
 
 def _write_v3(path, n_cells=3, n_genes=2):
@@ -394,6 +394,5 @@ def test_tenx_missing_piece_named(tmp_path, name):
 
 def test_tenx_gene_index_out_of_range_refused_in_its_block(tmp_path):
     path = _edit(_write_v3(tmp_path / "v3.h5"), "matrix/indices", _set(-1, 2))
-    with TenxH5Source(path) as source:
-        with pytest.raises(InputError, match=r"expected gene indices within 0:2, found 2"):
-            source.read_block(0, 3)
+    with TenxH5Source(path) as source, pytest.raises(InputError, match=r"expected gene indices within 0:2, found 2"):
+        source.read_block(0, 3)

@@ -165,14 +165,24 @@ def read_column(h5: h5py.File, key: str, group_name: str = "obs", *, n_rows: int
     except MemoryError:
         raise
     except Exception as exc:  # noqa: BLE001 - a damaged column can fail in h5py, numpy, pandas or anndata
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        msg = f"{h5.filename}: could not read {group_name} column {key!r}: {reason}"
+        msg = f"{h5.filename}: could not read {group_name} column {key!r}: {failure_reason(exc, h5, f'{group_name}/{key}')}"
         raise InputError(msg) from None
     if np.ndim(column) != 1 or (n_rows is not None and len(column) != n_rows):
-        found = f"shape {np.shape(column)}"
-        msg = f"{h5.filename}: expected {group_name} column {key!r} to hold {n_rows if n_rows is not None else 'one value per'} cells, found {found}"
+        expected = "1-D values" if n_rows is None else f"{n_rows} values (one per name in {group_name})"
+        msg = f"{h5.filename}: expected {group_name} column {key!r} to hold {expected}, found shape {np.shape(column)}"
         raise InputError(msg)
     return column
+
+
+def failure_reason(exc: BaseException, h5: h5py.File, name: str) -> str:
+    """One line saying why reading ``name`` failed (anndata's registry errors span several lines)."""
+    if type(exc).__name__ == "IORegistryError":
+        item = h5.get(name)
+        attrs = dict(item.attrs) if item is not None else {}
+        return (f"an encoding this anndata cannot read (encoding-type {_decode(attrs.get('encoding-type', ''))!r}, "
+                f"encoding-version {_decode(attrs.get('encoding-version', ''))!r})")
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _categorical(h5, where: str, codes, categories, ordered=False) -> pd.Categorical:
@@ -211,6 +221,10 @@ def _read_column(h5: h5py.File, key: str, group_name: str):
         categories = read_strings(h5[item.attrs["categories"]])
         return _categorical(h5, where, item[()], categories, item.attrs.get("ordered", False))
     if isinstance(item, h5py.Group) and _decode(item.attrs.get("encoding-type")) == "categorical":
+        for part in ("codes", "categories"):
+            if part not in item:
+                msg = f"{h5.filename}: expected {where}/{part} (a categorical column), found none"
+                raise InputError(msg)
         categories = read_strings(item["categories"])
         return _categorical(h5, where, item["codes"][()], categories, item.attrs.get("ordered", False))
     if isinstance(item, h5py.Group):  # nullable integer/boolean/string arrays and later encodings

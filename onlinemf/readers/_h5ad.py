@@ -30,7 +30,7 @@ def matrix_encoding(element) -> str:
     kind = _decode(element.attrs.get("encoding-type", element.attrs.get("h5sparse_format", "")))
     kind = kind.replace("_matrix", "").replace("_array", "")
     if kind not in ("csr", "csc"):
-        msg = f"{element.file.filename}: expected {element.name} to be a CSR, CSC or dense matrix, found encoding {kind!r}"
+        msg = f"{element.file.filename}: expected {element.name.lstrip('/')} to be a CSR, CSC or dense matrix, found encoding {kind!r}"
         raise InputError(msg)
     return kind
 
@@ -39,11 +39,15 @@ def matrix_shape(element) -> tuple[int, int]:
     """(cells, genes) of an anndata matrix element: a dense dataset's shape, or a sparse group's ``shape`` attribute."""
     if isinstance(element, h5py.Dataset):
         if element.ndim != 2:
-            msg = f"{element.file.filename}: expected {element.name} to be 2-D, found {element.ndim} dimension(s)"
+            msg = f"{element.file.filename}: expected {element.name.lstrip('/')} to be 2-D, found {element.ndim} dimension(s)"
             raise InputError(msg)
         return int(element.shape[0]), int(element.shape[1])
-    key = "shape" if "shape" in element.attrs else "h5sparse_shape"
-    return read_shape(element.attrs.get(key), element.file.filename, f"the {key} attribute of {element.name.lstrip('/')}")
+    name = element.name.lstrip("/")
+    key = next((k for k in ("shape", "h5sparse_shape") if k in element.attrs), None)
+    if key is None:
+        msg = f"{element.file.filename}: expected a shape attribute on the sparse matrix {name}, found none"
+        raise InputError(msg)
+    return read_shape(element.attrs[key], element.file.filename, f"the {key} attribute of {name}")
 
 
 def layer_names(h5: h5py.File) -> list[str]:

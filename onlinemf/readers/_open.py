@@ -20,6 +20,7 @@ from ._h5 import (
     dataframe_columns,
     detect_format,
     duplicates,
+    failure_reason,
     index_length,
     make_unique,
     n_categories,
@@ -183,11 +184,10 @@ def _obs_column(h5: h5py.File, column: str, n_rows: int):
     except MemoryError:
         raise
     except Exception as exc:  # noqa: BLE001 - a damaged column fails in h5py, numpy, pandas or anndata, in many ways
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        msg = f"{h5.filename}: could not read obs column {column!r}: {reason}"
+        msg = f"{h5.filename}: could not read obs column {column!r}: {failure_reason(exc, h5, f'obs/{column}')}"
         raise InputError(msg) from None
     if np.ndim(values) != 1 or len(values) != n_rows:
-        msg = f"{h5.filename}: expected obs column {column!r} to hold {n_rows} cells, found shape {np.shape(values)}"
+        msg = f"{h5.filename}: expected obs column {column!r} to hold {n_rows} values (one per cell), found shape {np.shape(values)}"
         raise InputError(msg)
     return values
 
