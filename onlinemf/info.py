@@ -84,6 +84,8 @@ def _describe_model(path: Path) -> str:
     for name in est.dataset_names_:
         n = getattr(est, "n_cells_", {}).get(name, "?")
         frozen = " (frozen)" if name in getattr(est, "frozen_", ()) else ""
+        if name in est.U_:
+            frozen += f", {est.U_[name].shape[1]:,} unshared features"
         lines.append(f"  {name}\t{n:,} cells{frozen}" if isinstance(n, int | np.integer) else f"  {name}{frozen}")
     return "\n".join(lines)
 
