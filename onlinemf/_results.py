@@ -6,6 +6,8 @@ loaded.
 
 from __future__ import annotations
 
+import logging
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +20,8 @@ from . import _keys, _warmup
 from ._errors import InputError
 from ._files import atomic_output
 from .readers import read_obs
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -96,6 +100,9 @@ class ResultsTable:
         if _keys.OBS_DATASET not in obs:
             obs[_keys.OBS_DATASET] = self.datasets
         obs[_keys.OBS_DATASET] = pd.Categorical(obs[_keys.OBS_DATASET], categories=self.names)
+        if not obs.index.is_unique:  # anndata accepts them with a multi-line warning; say it in one line
+            first = obs.index[obs.index.duplicated()][0]
+            logger.warning("results: cell names are not unique (e.g. %r); kept as in the input", first)
         return obs
 
     @property
@@ -175,7 +182,9 @@ def write_results(path, table: ResultsTable, *, H, H_norm=None, clusters=None, u
     _warmup.wait()  # anndata may be being imported in the background (pipelines start it)
     import anndata as ad
 
-    adata = ad.AnnData(obs=obs, var=var)
+    with warnings.catch_warnings():  # non-unique cell names: already said by read_obs, in one line
+        warnings.filterwarnings("ignore", message="Observation names are not unique")
+        adata = ad.AnnData(obs=obs, var=var)
     adata.obsm[_keys.OBSM_H] = H
     if H_norm is not None:
         adata.obsm[_keys.OBSM_H_NORM] = np.asarray(H_norm, dtype=np.float32)

@@ -388,7 +388,7 @@ def fuzz(kinds: list[str] | None = None, *, every: int = 1, log=None) -> list[Ou
         return outcomes
 
 
-def _worker(kind: str, start: int, every: int) -> None:
+def _worker(kind: str, start: int, every: int, only: str | None = None) -> None:
     """Run mutants ``start, start + every, ...`` of ``kind``, printing one JSON line per mutant (index first)."""
     with tempfile.TemporaryDirectory(prefix="onlinemf-fuzz-") as tmp:
         root = Path(tmp)
@@ -397,6 +397,8 @@ def _worker(kind: str, start: int, every: int) -> None:
         work.mkdir()
         all_mutants = mutants(kind, base)
         for index in range(start, len(all_mutants), every):
+            if only is not None and only not in all_mutants[index].label:
+                continue
             outcome = run_mutant(all_mutants[index], base, extra, element, work)
             record = {"index": index, "label": all_mutants[index].label}
             if outcome is not None:
@@ -404,15 +406,15 @@ def _worker(kind: str, start: int, every: int) -> None:
             print(json.dumps(record), flush=True)
 
 
-def fuzz_isolated(kinds: list[str], *, every: int = 1, log=None) -> list[Outcome]:
+def fuzz_isolated(kinds: list[str], *, every: int = 1, only: str | None = None, log=None) -> list[Outcome]:
     """As :func:`fuzz`, in worker processes: a mutant that kills the process (a segfault in a C kernel fed
     out-of-range indices, say) is recorded as "crashed" and the next worker carries on after it."""
     outcomes = []
     for kind in kinds:
         start = 0
         while True:
-            proc = subprocess.run([sys.executable, __file__, "--worker", kind, "--start", str(start), "--every", str(every)],
-                                  capture_output=True, text=True, check=False)
+            command = [sys.executable, __file__, "--worker", kind, "--start", str(start), "--every", str(every)]
+            proc = subprocess.run([*command, *(["--only", only] if only else [])], capture_output=True, text=True, check=False)
             last = start - every
             for line in proc.stdout.splitlines():
                 if not line.startswith("{"):
@@ -456,6 +458,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--all", action="store_true", help="every mutant (default: every 7th)")
     parser.add_argument("--kind", action="append", choices=KINDS, help="only these input kinds (repeatable)")
+    parser.add_argument("--only", help="only mutants whose label (KIND:OBJECT:MUTATION) contains this text")
     parser.add_argument("-v", "--verbose", action="store_true", help="print every outcome, not only failures")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--start", type=int, default=0, help=argparse.SUPPRESS)
@@ -463,7 +466,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     every = args.every or (1 if args.all else 7)
     if args.worker:
-        _worker(args.worker, args.start, every)
+        _worker(args.worker, args.start, every, args.only)
         return 0
     t0 = time.perf_counter()
 
@@ -471,7 +474,7 @@ def main(argv=None) -> int:
         if args.verbose or outcome.failed:
             print(f"{outcome.status:15s} {outcome.mutant}  {outcome.detail[:300]}", flush=True)
 
-    outcomes = fuzz_isolated(args.kind or KINDS, every=every, log=log)
+    outcomes = fuzz_isolated(args.kind or KINDS, every=every, only=args.only, log=log)
     print(summarise(outcomes))
     print(f"{len(outcomes)} mutants, {sum(o.failed for o in outcomes)} failures, {time.perf_counter() - t0:.0f} s")
     return 1 if any(o.failed for o in outcomes) else 0
