@@ -10,11 +10,13 @@ import pandas as pd
 from . import _keys
 from ._errors import InputError
 from .engine import OnlineINMF
-from .pipelines import OutputOptions, align_cluster_embed
+from .pipelines import OutputOptions, _unshared_uns, align_cluster_embed
 from .preprocess import prepare
 from .readers import MemorySource
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
     from anndata import AnnData
 
 
@@ -73,6 +75,8 @@ def integrate(
     batch_size: int = 5000,
     n_genes: int | None = None,
     var_thresh: float = 0.1,
+    unshared: Sequence[str] | None = None,
+    unshared_thresh: float = 0.1,
     layer: str | None = None,
     seed: int | None = 1,
     cluster: bool = True,
@@ -106,6 +110,11 @@ def integrate(
         Select this many variable genes; None: rliger's variance threshold ``var_thresh``.
     var_thresh : float, default 0.1
         rliger's ``selectGenes`` variance threshold (used when ``n_genes`` is None).
+    unshared : sequence of str or None, default None
+        UINMF: batches that also keep their variable genes without counts in some other batch, learned as
+        unshared factors U_i (rliger's ``useUnsharedDatasets``); ``uns['<key>']['unshared']`` gets them.
+    unshared_thresh : float, default 0.1
+        Variance threshold of those genes (rliger's ``unsharedThresh``).
     layer : str or None, default None
         Read counts from ``adata.layers[layer]`` instead of ``adata.X``.
     seed : int or None, default 1
@@ -164,9 +173,10 @@ def integrate(
         _check_free(adata, writes)
     sources, rows = _split(adata, batch_key, layer)
     adata = adata.copy() if copy else adata
-    prepared = prepare(sources, thresh=var_thresh, n_genes=n_genes, cache=None)
+    prepared = prepare(sources, thresh=var_thresh, n_genes=n_genes, cache=None, unshared=list(unshared or ()),
+                       unshared_thresh=unshared_thresh)
     est = OnlineINMF(n_components=k, lam=lam, batch_size=batch_size, max_epochs=epochs, random_state=seed)
-    est.fit(prepared.sources)
+    est.fit(prepared.sources, unshared={name: g.size for name, g in prepared.unshared.items()})
     H = np.zeros((adata.n_obs, k), dtype=np.float32)
     datasets = np.empty(adata.n_obs, dtype=object)
     objective = 0.0
@@ -200,6 +210,7 @@ def integrate(
         "objective": float(objective),
         "objective_per_epoch": np.asarray(getattr(est, "objective_", []), dtype=float),
         "timings": timings,
+        **_unshared_uns(est),
     }
     if copy and return_model:
         return adata, est

@@ -307,3 +307,16 @@ def test_cli_fit_unshared_writes_u_and_v2_model_then_project(tmp_path, shared_da
     assert proj.exit_code == 0, proj.output
     bad = runner.invoke(main, [*args[:5], "nope", *args[6:-4], "-o", str(tmp_path / "x.h5ad"), "--model", str(tmp_path / "x.h5")])
     assert bad.exit_code != 0 and "unshared: expected dataset names among ['CEL-seq2', 'Drop-seq'], found ['nope']" in bad.output
+
+
+def test_tl_integrate_with_unshared_batches(shared_data):
+    import anndata as ad
+
+    from onlinemf import tl
+
+    adata = ad.read_h5ad(shared_data / CELLBENCH)
+    tl.integrate(adata, "batch", k=4, epochs=1, batch_size=200, n_genes=300, unshared=["CEL-seq2"], cluster=False)
+    entry = adata.uns["inmf"]["unshared"]["0"]
+    assert entry["dataset"] == "CEL-seq2" and entry["U"].shape == (entry["genes"].size, 4) and entry["genes"].size > 100
+    drop = adata[adata.obs["batch"] == "Drop-seq"]
+    assert np.asarray(drop[:, list(entry["genes"])].X.sum(axis=0)).max() == 0  # no counts in Drop-seq
