@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import random
 import warnings
 
 import numpy as np
@@ -20,10 +21,24 @@ from ._validation import check_factors, check_int, check_matrix, dataset_codes, 
 
 logger = logging.getLogger(__name__)
 
-#: Above this many cells ``cluster_leiden`` finds neighbours with pynndescent (when installed).
+#: Up to this many cells neighbour searches are exact; above, faiss's inverted-file index (or pynndescent).
 EXACT_KNN_MAX_CELLS = 50_000
 #: rliger's SNN prune threshold: Jaccard weights below it are dropped.
 SNN_PRUNE = 1.0 / 15.0
+#: faiss inverted-file search above EXACT_KNN_MAX_CELLS: IVF_LISTS_PER_SQRT_N * sqrt(n) lists, IVF_PROBES
+#: of them searched per query. 47k resampled Kang cells x 20 factors, recall@20 0.993 (4 probes: 0.955).
+IVF_LISTS_PER_SQRT_N = 2
+IVF_PROBES = 8
+
+
+def _optional(module: str):
+    """The module, or None when it is not installed (an accelerator, never a requirement)."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        return None
 
 
 def max_factor_labels(H: np.ndarray) -> np.ndarray:
@@ -196,23 +211,81 @@ def quantile_norm(H, datasets, *, reference=None, quantiles=50, min_cells=20, n_
 def knn_indices(X: np.ndarray, k: int, *, eps: float = 0.0, random_state=1) -> np.ndarray:
     """Indices (n, k) of each row's k nearest rows (itself included) in Euclidean distance.
 
-    Up to ``EXACT_KNN_MAX_CELLS`` rows: scipy's kd-tree with RANN's (1+eps)-approximate search (eps=0
-    exact; no optional dependency). Above: pynndescent when installed, because kd-trees degrade in
-    ~20 dimensions (100k x 20 factors, 2-core machine: kd-tree eps=0.9 46 s, exact sklearn 57 s,
-    pynndescent 10 s after its one-off JIT compilation, recall 0.998).
+    With faiss installed (the 'knn' extra): exact float32 brute force (BLAS) up to ``EXACT_KNN_MAX_CELLS``
+    rows, an inverted-file index above (recall@20 about 0.99). Without faiss, or with ``eps=0`` up to
+    ``EXACT_KNN_MAX_CELLS`` rows (exact in float64, so near-ties rank as in a float64 reference): scipy's
+    kd-tree with RANN's (1+eps)-approximate search; above ``EXACT_KNN_MAX_CELLS`` rows without faiss,
+    pynndescent when installed.
+    kd-trees degrade in ~20 dimensions: Kang H_norm (14k x 20, 2-core machine, CPU seconds) kd-tree
+    2.4 s, faiss exact 0.36 s; 47k resampled Kang cells: kd-tree eps=0.9 ~5 s, pynndescent 6.7 s,
+    faiss IVF 0.8 s. See benchmarks/bench_postprocess.py.
     """
     n = X.shape[0]
+    faiss = _optional("faiss")
+    if faiss is not None and not (eps == 0 and n <= EXACT_KNN_MAX_CELLS):
+        return _faiss_knn(faiss, X, k, random_state=random_state)[0]
     if n > EXACT_KNN_MAX_CELLS and k < n:
-        try:
-            import pynndescent
-        except ImportError:
-            logger.info("pynndescent not installed: kd-tree kNN on %d cells (slow)", n)
+        pynndescent = _optional("pynndescent")
+        if pynndescent is None:
+            logger.info("neither faiss nor pynndescent installed: kd-tree kNN on %d cells (slow)", n)
         else:
             seed = int(random_state) if isinstance(random_state, (int, np.integer)) else None
             index = pynndescent.NNDescent(X, n_neighbors=k, random_state=seed, n_jobs=1)
             return index.neighbor_graph[0]
     _, idx = cKDTree(X).query(X, k=k, eps=eps)
     return idx.reshape(n, k)
+
+
+def _usable_cores() -> int:
+    """CPUs this process may run on (its affinity mask where the OS has one)."""
+    import os
+
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # macOS
+        return max(1, os.cpu_count() or 1)
+
+
+def _faiss_knn(faiss, X: np.ndarray, k: int, *, random_state=1) -> tuple[np.ndarray, np.ndarray]:
+    """faiss k-NN of the rows of X among themselves: indices (n, k) int64, squared distances (n, k) float32.
+
+    Exact (``IndexFlatL2``) up to ``EXACT_KNN_MAX_CELLS`` rows, else ``IndexIVFFlat`` trained on a seeded
+    sample; float32 either way (H is float32; the ranking of float64 distances differs only at near-ties).
+    """
+    n, dims = X.shape
+    X32 = np.ascontiguousarray(X, dtype=np.float32)
+    k = min(k, n)
+    # Exact search: one OpenMP thread. Its many short parallel regions made 2 threads 2.4x slower in
+    # wall time on a busy 2-core machine (Kang, 14k cells: 1.2 s vs 2.9 s); the IVF search is one long
+    # region and gets every core this process may use.
+    threads = 1
+    if n <= EXACT_KNN_MAX_CELLS:
+        index = faiss.IndexFlatL2(dims)
+    else:
+        threads = _usable_cores()
+        n_lists = int(IVF_LISTS_PER_SQRT_N * np.sqrt(n))
+        index = faiss.IndexIVFFlat(faiss.IndexFlatL2(dims), dims, n_lists)
+        seed = int(random_state) if isinstance(random_state, (int, np.integer)) else None
+        rng = np.random.default_rng(seed)
+        sample = np.sort(rng.choice(n, min(n, 40 * n_lists), replace=False))  # faiss's own cap is 256/list
+        index.cp.seed = int(rng.integers(2**31))
+        index.train(X32[sample])
+        index.nprobe = IVF_PROBES
+    previous = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(threads)
+    try:
+        index.add(X32)
+        dist, idx = index.search(X32, k)
+    finally:
+        faiss.omp_set_num_threads(previous)
+    # A row whose probed lists hold fewer than k others gets -1: fall back to the row itself (harmless for
+    # a vote or a graph: it only repeats the row's own label or weight).
+    missing = idx < 0
+    if missing.any():
+        rows = np.broadcast_to(np.arange(n)[:, None], idx.shape)
+        idx[missing] = rows[missing]
+        dist[missing] = 0.0
+    return idx.astype(np.int64, copy=False), np.maximum(dist, 0.0)
 
 
 def snn_graph(neighbors: np.ndarray, prune: float = SNN_PRUNE, chunk: int = 20_000) -> sparse.csr_matrix:
@@ -245,12 +318,35 @@ def _labels_by_size(labels: np.ndarray) -> np.ndarray:
     return rank[inverse].astype(np.int64)
 
 
+def leiden_membership(igraph, graph: sparse.spmatrix, *, resolution: float, n_iterations: int,
+                      random_state=1) -> list[int]:
+    """igraph's Leiden (modularity objective) on a weighted upper-triangular adjacency matrix.
+
+    igraph draws from one process-wide generator, Python's ``random`` module by default (igraph offers no
+    way to read the current one), so the call gets its own seeded ``random.Random`` and the default is put
+    back afterwards: a seed reproduces the partition without touching the global ``random`` state.
+    """
+    coo = graph.tocoo()
+    # A list of tuples is what igraph converts fastest (Kang, 461k edges: 0.5 s; ndarray 1.4 s).
+    g = igraph.Graph(n=graph.shape[0], edges=list(zip(coo.row.tolist(), coo.col.tolist())), directed=False)
+    igraph.set_random_number_generator(random.Random(random_state))
+    try:
+        partition = g.community_leiden(objective_function="modularity", weights=coo.data.tolist(),
+                                       resolution=resolution, n_iterations=n_iterations)
+    finally:
+        igraph.set_random_number_generator(random)
+    return partition.membership
+
+
 def cluster_leiden(X, *, n_neighbors=20, resolution=1.0, random_state=1, n_iterations=-1, eps=0.1):
     """Leiden clustering of cells on a Jaccard-weighted SNN graph, as rliger's ``runCluster``.
 
-    kNN (``n_neighbors`` including the cell itself, :func:`knn_indices`) -> SNN with Jaccard weights pruned at 1/15 ->
-    leidenalg ``RBConfigurationVertexPartition``. Cells left alone in a cluster join the most common
-    cluster among their kNN (rliger groups singletons too).
+    kNN (``n_neighbors`` including the cell itself, :func:`knn_indices`) -> SNN with Jaccard weights pruned
+    at 1/15 -> igraph's ``community_leiden`` with the modularity objective at ``resolution`` (the quality
+    function of leidenalg's ``RBConfigurationVertexPartition``, which rliger uses; igraph's C
+    implementation is 6-15x faster and reaches the same or higher modularity: benchmarks/README.md).
+    Cells left alone in a cluster join the most common cluster among their kNN (rliger groups singletons
+    too).
 
     Parameters
     ----------
@@ -258,13 +354,13 @@ def cluster_leiden(X, *, n_neighbors=20, resolution=1.0, random_state=1, n_itera
         Usually ``H_norm`` from :func:`quantile_norm`.
     n_neighbors : int
     resolution : float
-        Resolution of the RB configuration model (higher -> more clusters).
-    random_state : int
-        Seed for leidenalg (and pynndescent on large inputs).
+        Resolution of the modularity (RB configuration) model (higher -> more clusters).
+    random_state : int or None
+        Seed of igraph's random number generator for this call (and of the kNN index on large inputs).
     n_iterations : int
-        Leiden iterations; negative runs until the partition stops improving.
+        Leiden iterations; negative runs until an iteration no longer improves the partition.
     eps : float
-        Error bound of the kd-tree neighbour search (rliger: 0.1; 0 = exact).
+        Error bound of the kd-tree neighbour search when faiss is absent (rliger: 0.1; 0 = exact).
 
     Returns
     -------
@@ -275,20 +371,15 @@ def cluster_leiden(X, *, n_neighbors=20, resolution=1.0, random_state=1, n_itera
     if not resolution > 0:
         msg = f"resolution: expected a number > 0, found {resolution!r}"
         raise InputError(msg)
-    igraph, leidenalg = require_extra("cluster", "clustering", ("igraph", "leidenalg"))
+    (igraph,) = require_extra("cluster", "clustering", ("igraph",))
     n = X.shape[0]
     if n < 3:
         return np.zeros(n, dtype=np.int64)
     k = min(n_neighbors, n)
     nn = knn_indices(X, k, eps=eps, random_state=random_state)
-    snn = snn_graph(nn).tocoo()
-    graph = igraph.Graph(n=n, edges=np.column_stack([snn.row, snn.col]).tolist(), directed=False)
-    graph.es["weight"] = snn.data.tolist()
-    seed = int(random_state) if random_state is not None else None
-    partition = leidenalg.find_partition(graph, leidenalg.RBConfigurationVertexPartition, weights="weight",
-                                         resolution_parameter=float(resolution), n_iterations=n_iterations,
-                                         seed=seed)
-    labels = np.asarray(partition.membership, dtype=np.int64)
+    membership = leiden_membership(igraph, snn_graph(nn), resolution=float(resolution),
+                                   n_iterations=int(n_iterations), random_state=random_state)
+    labels = np.asarray(membership, dtype=np.int64)
     sizes = np.bincount(labels)
     single = sizes[labels] == 1
     if single.any() and not single.all():
@@ -305,32 +396,52 @@ def cluster_leiden(X, *, n_neighbors=20, resolution=1.0, random_state=1, n_itera
     return labels
 
 
-def cosine_knn(X: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Exact k nearest rows in cosine distance (itself included): indices (n, k) int64, distances (n, k) float32.
+def cosine_knn(X: np.ndarray, k: int, *, random_state=1) -> tuple[np.ndarray, np.ndarray]:
+    """k nearest rows in cosine distance (itself included): indices (n, k) int64, distances (n, k) float32.
 
-    On unit vectors the cosine distance 1 - cos is half the squared Euclidean distance, so scipy's kd-tree
-    finds the exact neighbours; all-zero rows stay at the origin (cosine distance 0.5 to every other row).
+    On unit vectors the cosine distance 1 - cos is half the squared Euclidean distance, so a Euclidean
+    search on the unit rows finds the cosine neighbours: exact with scipy's kd-tree, or with faiss when
+    installed (float32; an inverted-file index above ``EXACT_KNN_MAX_CELLS`` rows, see
+    :func:`knn_indices`). All-zero rows stay at the origin (cosine distance 0.5 to every other row).
     """
     X = np.asarray(X, dtype=np.float64)
     norms = np.linalg.norm(X, axis=1, keepdims=True)
     unit = np.divide(X, norms, out=np.zeros_like(X), where=norms > 0)
+    faiss = _optional("faiss")
+    if faiss is not None:
+        idx, sq = _faiss_knn(faiss, unit, k, random_state=random_state)
+        return idx, (sq / 2).astype(np.float32)
     dist, idx = cKDTree(unit).query(unit, k=k)
     dist, idx = dist.reshape(X.shape[0], k), idx.reshape(X.shape[0], k)
     return idx.astype(np.int64), (dist * dist / 2).astype(np.float32)
 
 
+def _seed(random_state) -> int:
+    """A non-negative int seed from ``random_state`` (int, Generator or None)."""
+    if isinstance(random_state, (int, np.integer)):
+        return int(random_state) % 2**63
+    return int(np.random.default_rng(random_state).integers(2**63))
+
+
 def run_umap(X, *, n_neighbors=20, min_dist=0.1, metric="cosine", random_state=42):
-    """2-D UMAP embedding with umap-learn (rliger ``runUMAP`` defaults: cosine, 20 neighbours, 0.1).
+    """2-D UMAP embedding (rliger ``runUMAP`` defaults: cosine, 20 neighbours including the cell, min_dist 0.1).
+
+    With scranpy installed (the 'umap' extra on Linux x86-64 and macOS arm64) the layout is umappp's
+    compiled C++ UMAP: no numba compilation, ~1 s import; same epochs rule as umap-learn and uwot (500 up
+    to 10,000 cells, else 200) and the same 15-NN preservation at equal epochs. Otherwise umap-learn.
+    Neighbours are exact cosine neighbours from :func:`cosine_knn` (an inverted-file index above
+    ``EXACT_KNN_MAX_CELLS`` cells with faiss).
 
     Parameters
     ----------
     X : array-like of shape (n_cells, n_dims)
     n_neighbors : int
-        Capped at n_cells - 1.
+        Neighbours per cell including itself (umap-learn's convention), capped at n_cells - 1.
     min_dist : float
     metric : str
-    random_state : int or None
-        A fixed seed makes umap-learn run single-threaded (reproducible).
+        "cosine" or "euclidean" with scranpy; any umap-learn metric otherwise.
+    random_state : int, numpy.random.Generator or None
+        Seeds the layout (and umap-learn's single-threaded run); None draws a seed.
 
     Returns
     -------
@@ -341,13 +452,39 @@ def run_umap(X, *, n_neighbors=20, min_dist=0.1, metric="cosine", random_state=4
     if X.shape[0] < 4:
         msg = f"X: expected at least 4 cells for UMAP, found {X.shape[0]}"
         raise InputError(msg)
-    (umap,) = require_extra("umap", "UMAP", ("umap",))
     k = min(n_neighbors, X.shape[0] - 1)
+    if metric in ("cosine", "euclidean") and _optional("scranpy") is not None:
+        return _umap_umappp(X, k, min_dist=min_dist, metric=metric, seed=_seed(random_state))
+    return _umap_learn(X, k, min_dist=min_dist, metric=metric, random_state=random_state)
+
+
+def _umap_umappp(X: np.ndarray, k: int, *, min_dist: float, metric: str, seed: int) -> np.ndarray:
+    import knncolle
+    import scranpy
+
+    if metric == "cosine":
+        idx, dist = cosine_knn(X, k, random_state=seed)
+    else:
+        idx = knn_indices(X, k, random_state=seed)
+        dist = np.linalg.norm(X[idx] - X[:, None, :], axis=2)
+    # knncolle's results exclude the cell itself; near-duplicate rows may rank another cell first.
+    others = idx != np.arange(X.shape[0])[:, None]
+    first_other = np.argsort(~others, axis=1, kind="stable")[:, : k - 1]
+    idx = np.take_along_axis(idx, first_other, axis=1).astype(np.int32)
+    dist = np.take_along_axis(dist, first_other, axis=1).astype(np.float64)
+    coords = scranpy.run_umap(knncolle.FindKnnResults(np.ascontiguousarray(idx), np.ascontiguousarray(dist)),
+                              min_dist=float(min_dist), initialize_seed=seed, optimize_seed=seed)
+    return np.asarray(coords, dtype=np.float32)
+
+
+def _umap_learn(X: np.ndarray, k: int, *, min_dist: float, metric: str, random_state) -> np.ndarray:
+    (umap,) = require_extra("umap", "UMAP", ("umap",))
     options = {"n_neighbors": k, "min_dist": min_dist, "metric": metric, "n_components": 2,
                "random_state": random_state, "n_jobs": 1}
-    if metric == "cosine" and X.shape[0] <= EXACT_KNN_MAX_CELLS and "precomputed_knn" in inspect.signature(umap.UMAP).parameters:
-        # Exact cosine neighbours from scipy's kd-tree spare umap-learn its pynndescent search and that
-        # search's numba compilation: Kang, 14k cells, 2-core machine: 12 s instead of 33 s.
+    big = X.shape[0] > EXACT_KNN_MAX_CELLS and _optional("faiss") is None
+    if metric == "cosine" and not big and "precomputed_knn" in inspect.signature(umap.UMAP).parameters:
+        # Exact cosine neighbours spare umap-learn its pynndescent search and that search's numba
+        # compilation: Kang, 14k cells, 2-core machine: 12 s instead of 33 s.
         options["precomputed_knn"] = (*cosine_knn(X, k), None)
     model = umap.UMAP(**options)
     with warnings.catch_warnings():
