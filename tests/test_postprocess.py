@@ -350,8 +350,9 @@ def test_cosine_knn_is_exact():
 
 
 @pytest.mark.slow  # umap-learn's numba compilation takes ~30 s once per process
-def test_umap_returns_finite_coordinates():
+def test_umap_learn_fallback_returns_finite_coordinates(monkeypatch):
     pytest.importorskip("umap")
+    monkeypatch.setitem(sys.modules, "scranpy", None)  # the fallback where scranpy has no wheel
     rng = np.random.default_rng(0)
     X = np.abs(rng.normal(size=(120, 6)))
     coords = run_umap(X, n_neighbors=10)
@@ -384,3 +385,118 @@ def test_plots_write_png_files(tmp_path):
         plotting.plot_embedding(np.ones((3, 3)), [1, 2, 3], tmp_path / "bad.png")
     with pytest.raises(InputError, match="path .*: expected an existing folder"):
         plotting.plot_objective([1.0, 2.0], tmp_path / "missing" / "o.png")
+
+
+# --- backends: faiss kNN, igraph Leiden, umappp UMAP ---------------------------------------------------
+
+def _hide(monkeypatch, *modules):
+    for module in modules:
+        monkeypatch.setitem(sys.modules, module, None)
+
+
+def _overlap(a, b):
+    return float(np.mean([len(set(x) & set(y)) / len(x) for x, y in zip(a, b)]))
+
+
+def test_faiss_exact_knn_equals_kd_tree():
+    pytest.importorskip("faiss")
+    from onlinemf import postprocess
+
+    rng = np.random.default_rng(4)
+    X = rng.gamma(2.0, 1.0, size=(600, 20))
+    idx = postprocess.knn_indices(X, 15, eps=0.5)  # faiss: exact whatever eps
+    _, exact = cKDTree_query(X, 15)
+    np.testing.assert_array_equal(np.sort(idx, axis=1), np.sort(exact, axis=1))
+    assert (idx[:, 0] == np.arange(600)).all()
+
+
+def test_eps_zero_stays_exact_in_float64(monkeypatch):
+    from onlinemf import postprocess
+
+    rng = np.random.default_rng(5)
+    X = rng.normal(size=(300, 6))
+    monkeypatch.setattr(postprocess, "_faiss_knn", lambda *a, **k: pytest.fail("faiss used for eps=0"))
+    _, exact = cKDTree_query(X, 7)
+    np.testing.assert_array_equal(postprocess.knn_indices(X, 7, eps=0.0), exact)
+
+
+def cKDTree_query(X, k):
+    from scipy.spatial import cKDTree
+
+    return cKDTree(X).query(X, k=k)
+
+
+def test_inverted_file_index_above_exact_limit_has_high_recall(monkeypatch):
+    pytest.importorskip("faiss")
+    from onlinemf import postprocess
+
+    rng = np.random.default_rng(6)
+    H, _ = clustered_factors(rng, 6000, K=10, zero_rows=0)
+    monkeypatch.setattr(postprocess, "EXACT_KNN_MAX_CELLS", 1000)
+    idx = postprocess.knn_indices(H, 20)
+    again = postprocess.knn_indices(H, 20)
+    np.testing.assert_array_equal(idx, again)  # the seeded index is reproducible
+    assert idx.shape == (6000, 20) and idx.min() >= 0 and idx.max() < 6000
+    _, exact = cKDTree_query(H, 20)
+    assert _overlap(idx, exact) > 0.95
+
+
+def test_quantile_norm_same_with_and_without_faiss(monkeypatch):
+    pytest.importorskip("faiss")
+    rng = np.random.default_rng(7)
+    H = np.vstack([clustered_factors(rng, n, K=6)[0] for n in (400, 600)])
+    ds = np.repeat(["a", "b"], [400, 600])
+    with_faiss = quantile_norm(H, ds, eps=0.5)
+    _hide(monkeypatch, "faiss")
+    kd_exact = quantile_norm(H, ds, eps=0.0)
+    np.testing.assert_array_equal(with_faiss[1], kd_exact[1])
+    np.testing.assert_allclose(with_faiss[0], kd_exact[0], rtol=1e-12)
+
+
+def test_cosine_knn_same_with_and_without_faiss(monkeypatch):
+    pytest.importorskip("faiss")
+    rng = np.random.default_rng(8)
+    X = np.abs(rng.normal(size=(400, 10)))
+    X[3] = 0.0
+    idx, dist = cosine_knn(X, 8)
+    _hide(monkeypatch, "faiss")
+    idx_kd, dist_kd = cosine_knn(X, 8)
+    np.testing.assert_allclose(dist, dist_kd, atol=1e-6)
+    assert _overlap(idx, idx_kd) > 0.99  # the all-zero row is equidistant from all others
+
+
+def test_leiden_is_seeded_and_leaves_global_random_alone():
+    import random
+
+    rng = np.random.default_rng(9)
+    X = np.vstack([rng.normal(3 * i, 1.0, size=(150, 5)) for i in range(4)])
+    random.seed(123)
+    expected_next = random.random()
+    random.seed(123)
+    a = cluster_leiden(X, random_state=3)
+    assert random.random() == expected_next
+    np.testing.assert_array_equal(a, cluster_leiden(X, random_state=3))
+
+
+def test_umappp_is_reproducible_and_keeps_neighbourhoods():
+    pytest.importorskip("scranpy")
+    rng = np.random.default_rng(10)
+    X = np.abs(rng.normal(0.5, 0.3, size=(300, 8)))
+    X[np.arange(300), np.repeat([0, 1, 2], 100)] += 4.0  # three groups, three directions (cosine metric)
+    coords = run_umap(X, n_neighbors=15, random_state=1)
+    assert coords.shape == (300, 2) and coords.dtype == np.float32 and np.isfinite(coords).all()
+    np.testing.assert_array_equal(coords, run_umap(X, n_neighbors=15, random_state=1))
+    assert not np.array_equal(coords, run_umap(X, n_neighbors=15, random_state=2))
+    # Each cell's 10 nearest cells in the embedding come mostly from its own group.
+    _, near = cKDTree_query(coords.astype(np.float64), 11)
+    group = np.repeat([0, 1, 2], 100)
+    assert (group[near[:, 1:]] == group[:, None]).mean() > 0.95
+
+
+def test_backend_modules_name_what_will_be_imported():
+    from onlinemf.postprocess import backend_modules
+
+    assert backend_modules(cluster=False, umap=False) == []
+    assert "igraph" in backend_modules(cluster=True, umap=False)
+    umap_modules = backend_modules(cluster=False, umap=True)
+    assert ("scranpy" in umap_modules) != ("umap" in umap_modules)
