@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import numpy as np
 import scipy.sparse as sp
-
 from _reference_solvers import nnls_bpp
 
 

@@ -1,14 +1,16 @@
 """Online UINMF (datasets with unshared features): maths against a batch reference, KKT conditions of H, the
 no-unshared path unchanged to the bit, model format versions, gene selection, CLI."""
 
+from pathlib import Path
+
+import _reference_uinmf as RU
 import h5py
 import numpy as np
 import pytest
 import scipy.sparse as sp
 from click.testing import CliRunner
-
-import _reference_uinmf as RU
 from onlinemf.cli import main
+
 from onlinemf import InputError
 from onlinemf import _solvers as S
 from onlinemf.engine import OnlineINMF
@@ -16,7 +18,7 @@ from onlinemf.model_io import FORMAT_VERSION, load_model, save_model
 from onlinemf.preprocess import compute_stats_all, prepare, select_unshared_genes
 from onlinemf.readers import MemorySource, open_sources
 
-FIXTURES = __import__("pathlib").Path(__file__).parent / "data"
+FIXTURES = Path(__file__).parent / "data"
 CELLBENCH = "cellbench_3cl_celseq2_dropseq.h5ad"
 
 
@@ -34,7 +36,7 @@ def synthetic(seed=0, sizes=(300, 240), K=3, G=60, u=(0, 25)):
 
 
 def model(**kw):
-    params = dict(n_components=3, batch_size=120, max_epochs=4, chunk_size=30, random_state=2, n_threads=1)
+    params = {"n_components": 3, "batch_size": 120, "max_epochs": 4, "chunk_size": 30, "random_state": 2, "n_threads": 1}
     params.update(kw)
     return OnlineINMF(**params)
 
@@ -178,7 +180,8 @@ def test_hals_on_stacked_factors_is_the_uinmf_update():
     rng = np.random.default_rng(1)
     K, G, u = 4, 12, 5
     W = rng.random((K, G))
-    As = [(lambda M: M.T @ M)(rng.random((30, K))) for _ in range(2)]
+    Hs = [rng.random((30, K)) for _ in range(2)]
+    As = [H.T @ H for H in Hs]
     Vs = [rng.random((K, G)), rng.random((K, G + u))]
     Bs = [rng.random((K, G)) * 5, rng.random((K, G + u)) * 5]
     lam, c = 2.0, 3.0
