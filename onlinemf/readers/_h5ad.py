@@ -117,14 +117,18 @@ class H5adSource(Source):
 
     Notes
     -----
-    CSR and dense matrices are read directly: a block reads only its indptr window and one
-    data/indices range (or one row slice). A CSC matrix is converted once, in column blocks, to a
-    temporary CSR file removed by :meth:`close`. Every block is converted to canonical CSR float32
-    and checked (finite, non-negative). The file is opened read-only without HDF5 file locking.
+    The structure is checked on open, before any pass over the data (:mod:`._checks`): the arrays
+    exist with numeric/integer dtypes, the CSR/CSC pointers agree with the declared shape and the
+    stored values, obs and var names agree with the shape. The CSR pointers are then kept in memory
+    (8 bytes per cell). CSR and dense matrices are read directly: a block reads only its data/indices
+    range (or one row slice). A CSC matrix is converted once, in column blocks, to a temporary CSR
+    file removed by :meth:`close`. Every block is converted to canonical CSR float32 and checked
+    (indices within range, values finite and non-negative). The file is opened read-only.
     """
 
     def __init__(self, path, *, layer=None, use_raw=False, rows=None, name=None, tmp_dir=None, progress=None, _converted=None,
                  _indptr=None):
+        # _converted, _indptr: shared with the other batch splits of the same matrix (checked once, by the first)
         self.path = Path(path)
         self.name = str(name) if name is not None else self.path.stem
         self._converted = None

@@ -113,6 +113,8 @@ class TenxH5Source(Source):
     CSR, so blocks stream directly. In v3 files with ``features/feature_type`` only "Gene Expression"
     features are kept. Duplicated gene names are made unique scanpy-style ("-1", "-2", ...) with a
     logged warning; the original names and ids are in :attr:`gene_symbols` and :attr:`gene_ids`.
+    The structure is checked on open (arrays and dtypes, ``indptr`` against the shape and the stored
+    values, barcodes and feature arrays against the shape), the indices of every block as it is read.
     """
 
     def __init__(self, path, *, genome=None, name=None):
