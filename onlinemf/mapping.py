@@ -32,7 +32,9 @@ from scipy.spatial import cKDTree
 from ._errors import InputError
 from ._validation import check_factors, check_int, dataset_codes
 from .postprocess import (
+    _optional,
     _subsample,
+    _usable_cores,
     knn_indices,
     knn_vote,
     max_factor_labels,
@@ -258,14 +260,32 @@ def align_to_reference(H, reference: ReferenceQuantiles, *, datasets=None, rando
 
 
 def _neighbours(reference: np.ndarray, query: np.ndarray, k: int, metric: str, eps: float):
-    """k nearest reference rows of each query row: (distances (n, k) float64, indices (n, k) int64)."""
+    """k nearest reference rows of each query row: (distances (n, k) float64, indices (n, k) int64).
+
+    faiss's exact float32 search when installed (the 'knn' extra), else scipy's kd-tree: kd-trees degrade in ~20
+    dimensions (200k reference x 20k query unit vectors, K=20, 1 thread on a busy 2-core machine: kd-tree 187 s,
+    faiss 19 s, the same neighbours).
+    """
     if metric == "cosine":
         # On unit vectors the Euclidean neighbours are the cosine neighbours; report 1 - cos = d^2 / 2.
         reference, query = _unit(reference), _unit(query)
-    dist, idx = cKDTree(reference).query(query, k=k, eps=eps)
-    dist, idx = dist.reshape(query.shape[0], k), idx.reshape(query.shape[0], k)
-    if metric == "cosine":
-        dist = dist * dist / 2
+    faiss = _optional("faiss")
+    if faiss is not None and eps == 0:
+        index = faiss.IndexFlatL2(reference.shape[1])
+        previous = faiss.omp_get_max_threads()
+        # Many queries are one long parallel region (worth every core); a few are short ones (one thread).
+        faiss.omp_set_num_threads(_usable_cores() if query.shape[0] >= 10_000 else 1)
+        try:
+            index.add(np.ascontiguousarray(reference, dtype=np.float32))
+            sq, idx = index.search(np.ascontiguousarray(query, dtype=np.float32), k)
+        finally:
+            faiss.omp_set_num_threads(previous)
+        sq = np.maximum(sq.astype(np.float64), 0.0)
+    else:
+        dist, idx = cKDTree(reference).query(query, k=k, eps=eps)
+        dist, idx = dist.reshape(query.shape[0], k), idx.reshape(query.shape[0], k)
+        sq = dist * dist
+    dist = sq / 2 if metric == "cosine" else np.sqrt(sq)
     return dist, idx.astype(np.int64)
 
 
