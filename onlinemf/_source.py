@@ -208,11 +208,13 @@ def check_indices(indices: np.ndarray, n: int, name: str, what: str = "gene") ->
     """Raise :class:`InputError` if a stored index of a compressed matrix lies outside ``0:n``.
 
     Out-of-range indices (a damaged or hand-made file) would make scipy's kernels read and write out of
-    bounds; readers check each block as they read it (a min and a max: cheap next to decompressing it).
+    bounds; readers check each block as they read it (one max: cheap next to decompressing it).
     """
     if indices.size == 0:
         return
-    low, high = indices.min(), indices.max()
-    if low < 0 or high >= n:
+    # One reduction, not two: seen as unsigned, a negative index is larger than any valid one.
+    unsigned = indices.view(f"u{indices.dtype.itemsize}") if indices.dtype.kind == "i" else indices
+    if unsigned.max() >= n:
+        low, high = indices.min(), indices.max()
         msg = f"{name}: expected {what} indices within 0:{n}, found {low if low < 0 else high} (damaged file?)"
         raise InputError(msg)
