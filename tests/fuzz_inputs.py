@@ -28,6 +28,7 @@ import sys
 import tempfile
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -70,16 +71,40 @@ def _write_tenx(path: Path, adata: ad.AnnData, version: int) -> None:
             group["genes"], group["gene_names"] = ids, names
 
 
-def make_inputs(folder: Path) -> dict[str, tuple[Path, list[str], str]]:
-    """Valid small inputs: kind -> (path, extra CLI arguments, matrix element the run reads)."""
+@dataclass
+class Input:
+    """A valid input that is mutated, and how a run uses it."""
+
+    path: Path
+    args: Callable[[Path, Path], list] = field(repr=False)  # (mutant, work folder) -> CLI arguments
+    element: str | None = None  # the count matrix the run reads from the file (None: the file holds no counts)
+    cells: int | None = None  # result rows of a correct run, when the file holds no counts
+    consumed: bool = False  # a successful run removes the file (a checkpoint)
+
+
+def _fit_args(extra=()):
+    def args(path, work):
+        return ["fit", path, "-o", work / "res.h5ad", "--model", work / "model.h5", *RUN, *extra]
+
+    return args
+
+
+COUNT_KINDS = ["h5ad-csr", "h5ad-csc", "h5ad-dense", "h5ad-layer", "h5ad-raw", "10x-v3", "10x-v2"]
+MODEL_KINDS = ["model", "checkpoint"]
+KINDS = COUNT_KINDS + MODEL_KINDS
+
+
+def make_inputs(folder: Path, kinds=None) -> dict[str, Input]:
+    """Valid small inputs of the requested kinds (default: all), written under ``folder``."""
     folder.mkdir(parents=True, exist_ok=True)
+    wanted = set(KINDS if kinds is None else kinds)
     adata = small_adata()
-    kinds = {}
+    inputs = {}
 
     def h5ad(kind, a, extra=(), element="X"):
         path = folder / f"{kind}.h5ad"
         a.write_h5ad(path)
-        kinds[kind] = (path, list(extra), element)
+        inputs[kind] = Input(path, _fit_args(extra), element)
 
     # CSR runs guess the batch column (as a user who names none); the others name it (--batch-key batch).
     h5ad("h5ad-csr", adata)
@@ -102,8 +127,54 @@ def make_inputs(folder: Path) -> dict[str, tuple[Path, list[str], str]]:
     for version in (3, 2):
         path = folder / f"10x-v{version}.h5"
         _write_tenx(path, adata, version)
-        kinds[f"10x-v{version}"] = (path, [], "matrix" if version == 3 else "GRCh38")
-    return kinds
+        inputs[f"10x-v{version}"] = Input(path, _fit_args(), "matrix" if version == 3 else "GRCh38")
+    if wanted & set(MODEL_KINDS):
+        inputs.update(_model_inputs(folder, adata))
+    return {kind: value for kind, value in inputs.items() if kind in wanted}
+
+
+# A fit long enough to checkpoint: 30 cells in batches of 10, 3 epochs (9 steps).
+CHECKPOINTED = ["--k", "2", "--epochs", "3", "--batch-size", "10", "--no-umap", "--no-cluster", "--quiet"]
+
+
+def _model_inputs(folder: Path, adata: ad.AnnData) -> dict[str, Input]:
+    """A model written by a tiny fit of the ctrl cells (mutants are used by ``update`` with the stim cells),
+    and a checkpoint left by a fit interrupted after its first checkpoint (mutants are resumed)."""
+    from onlinemf import model_io
+
+    ctrl, stim = folder / "ctrl.h5ad", folder / "stim.h5ad"
+    adata[adata.obs["batch"] == "ctrl"].copy().write_h5ad(ctrl)
+    adata[adata.obs["batch"] == "stim"].copy().write_h5ad(stim)
+    n_stim = int((adata.obs["batch"] == "stim").sum())
+    model = folder / "model.h5"
+    result = invoke(["fit", ctrl, "-o", folder / "fit.h5ad", "--model", model, *RUN])
+    assert result.exit_code == 0, result.output
+    checkpoint = folder / "checkpoint.h5"
+    save = model_io.Checkpoint.__call__
+
+    def save_then_interrupt(self, estimator, position):  # as a Ctrl-C right after the first checkpoint
+        save(self, estimator, position)
+        if Path(self.path).exists():
+            raise KeyboardInterrupt
+
+    model_io.Checkpoint.__call__ = save_then_interrupt
+    try:
+        result = invoke(["fit", ctrl, "-o", folder / "ck.h5ad", "--model", folder / "ck_model.h5",
+                         "--checkpoint", checkpoint, "--checkpoint-every", "1", *CHECKPOINTED])
+    finally:
+        model_io.Checkpoint.__call__ = save
+    assert result.exit_code == 130 and checkpoint.exists(), result.output
+
+    def update_args(path, work):
+        return ["update", path, stim, "-o", work / "res.h5ad", "--model-out", work / "model2.h5", "--epochs", "1",
+                "--no-umap", "--no-cluster", "--quiet"]
+
+    def resume_args(path, work):
+        return ["fit", ctrl, "-o", work / "res.h5ad", "--model", work / "model.h5", "--checkpoint", path, "--resume",
+                "--checkpoint-every", "1", *CHECKPOINTED]
+
+    return {"model": Input(model, update_args, cells=n_stim),
+            "checkpoint": Input(checkpoint, resume_args, cells=len(adata) - n_stim, consumed=True)}
 
 
 # ----------------------------------------------------------------------------- mutations
@@ -314,11 +385,12 @@ def invoke(args):
     return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=True)
 
 
-def judge(label: str, args: list, input_path: Path, expected_cells: int | None, problem: str | None, output: Path) -> Outcome:
+def judge(label: str, args: list, input_path: Path, expected_cells: int | None, problem: str | None, output: Path,
+          *, consumed: bool = False) -> Outcome:
     """Run the CLI with ``args`` and classify what happened."""
     before = digest(input_path)
     result = invoke(args)
-    if digest(input_path) != before:
+    if not (consumed and result.exit_code == 0 and not input_path.exists()) and digest(input_path) != before:
         return Outcome(label, "input changed")
     stderr = result.stderr
     if result.exception is not None and not isinstance(result.exception, SystemExit):
@@ -330,10 +402,9 @@ def judge(label: str, args: list, input_path: Path, expected_cells: int | None, 
         if problem is not None:
             return Outcome(label, "fitted invalid", problem)
         if expected_cells is not None:
-            res = ad.read_h5ad(output)
-            H = res.obsm["X_inmf"]
+            H = ad.read_h5ad(output).obsm["X_inmf"]
             if H.shape[0] != expected_cells or not np.isfinite(H).all():
-                return Outcome(label, "wrong result", f"H {H.shape}")
+                return Outcome(label, "wrong result", f"H {H.shape}, finite: {np.isfinite(H).all()}")
         return Outcome(label, "ran", stderr.strip().replace("\n", " | "))
     lines = stderr.strip().splitlines()
     if result.exit_code not in (1, 2):
@@ -343,18 +414,15 @@ def judge(label: str, args: list, input_path: Path, expected_cells: int | None, 
     return Outcome(label, "refused", lines[-1] if lines else "")
 
 
-def run_mutant(mutant: Mutant, base: Path, extra: list, element: str, work: Path) -> Outcome | None:
-    """Apply ``mutant`` to a copy of ``base`` in ``work``, run ``fit`` on it and judge; None if it does not apply."""
-    suffix = base.suffix
-    path = work / f"mutant{suffix}"
-    if not apply(mutant, base, path):
+def run_mutant(mutant: Mutant, source: Input, work: Path) -> Outcome | None:
+    """Apply ``mutant`` to a copy of ``source`` in ``work``, run the CLI on it and judge; None if it does not apply."""
+    path = work / f"mutant{source.path.suffix}"
+    if not apply(mutant, source.path, path):
         return None
-    problem = matrix_problem(path, mutant.kind, element)
-    output = work / "res.h5ad"
-    args = ["fit", path, "-o", output, "--model", work / "model.h5", *RUN, *extra]
+    problem = matrix_problem(path, mutant.kind, source.element) if source.element else None
     try:
-        cells = None if problem else _cells(path, mutant.kind, element)
-        return judge(mutant.label, args, path, cells, problem, output)
+        cells = source.cells if source.element is None else (None if problem else _cells(path, mutant.kind, source.element))
+        return judge(mutant.label, source.args(path, work), path, cells, problem, work / "res.h5ad", consumed=source.consumed)
     finally:
         for p in work.iterdir():
             p.unlink() if p.is_file() else shutil.rmtree(p)
@@ -372,15 +440,12 @@ def fuzz(kinds: list[str] | None = None, *, every: int = 1, log=None) -> list[Ou
     """Run every ``every``-th mutant of each input kind in this process; one outcome per mutant that applied."""
     with tempfile.TemporaryDirectory(prefix="onlinemf-fuzz-") as tmp:
         root = Path(tmp)
-        inputs = make_inputs(root / "inputs")
         work = root / "work"
         work.mkdir()
         outcomes = []
-        for kind, (base, extra, element) in inputs.items():
-            if kinds is not None and kind not in kinds:
-                continue
-            for mutant in mutants(kind, base)[::every]:
-                outcome = run_mutant(mutant, base, extra, element, work)
+        for kind, source in make_inputs(root / "inputs", kinds).items():
+            for mutant in mutants(kind, source.path)[::every]:
+                outcome = run_mutant(mutant, source, work)
                 if outcome is not None:
                     outcomes.append(outcome)
                     if log is not None:
@@ -392,14 +457,14 @@ def _worker(kind: str, start: int, every: int, only: str | None = None) -> None:
     """Run mutants ``start, start + every, ...`` of ``kind``, printing one JSON line per mutant (index first)."""
     with tempfile.TemporaryDirectory(prefix="onlinemf-fuzz-") as tmp:
         root = Path(tmp)
-        base, extra, element = make_inputs(root / "inputs")[kind]
+        source = make_inputs(root / "inputs", [kind])[kind]
         work = root / "work"
         work.mkdir()
-        all_mutants = mutants(kind, base)
+        all_mutants = mutants(kind, source.path)
         for index in range(start, len(all_mutants), every):
             if only is not None and only not in all_mutants[index].label:
                 continue
-            outcome = run_mutant(all_mutants[index], base, extra, element, work)
+            outcome = run_mutant(all_mutants[index], source, work)
             record = {"index": index, "label": all_mutants[index].label}
             if outcome is not None:
                 record.update(status=outcome.status, detail=outcome.detail)
@@ -449,9 +514,6 @@ def summarise(outcomes: list[Outcome]) -> str:
         total.update(c)
     lines.append(f"| all | {sum(total.values())} | " + " | ".join(str(total[s]) for s in statuses) + " |")
     return "\n".join(lines)
-
-
-KINDS = ["h5ad-csr", "h5ad-csc", "h5ad-dense", "h5ad-layer", "h5ad-raw", "10x-v3", "10x-v2"]
 
 
 def main(argv=None) -> int:

@@ -34,23 +34,22 @@ SUBSET = {
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory):
     folder = tmp_path_factory.mktemp("fuzz")
-    kinds = F.make_inputs(folder / "inputs")
-    return {kind: (base, extra, element, {(m.target, m.how): m for m in F.mutants(kind, base)})
-            for kind, (base, extra, element) in kinds.items()}
+    return {kind: (source, {(m.target, m.how): m for m in F.mutants(kind, source.path)})
+            for kind, source in F.make_inputs(folder / "inputs", F.COUNT_KINDS).items()}
 
 
 def test_valid_inputs_run_and_pass_the_oracle(inputs, tmp_path):
-    for kind, (base, extra, element, _) in inputs.items():
-        assert F.matrix_problem(base, kind, element) is None
-        outcome = F.judge(kind, ["fit", base, "-o", tmp_path / "r.h5ad", "--model", tmp_path / "m.h5", *F.RUN, *extra],
-                          base, F._cells(base, kind, element), None, tmp_path / "r.h5ad")
+    for kind, (source, _) in inputs.items():
+        assert F.matrix_problem(source.path, kind, source.element) is None
+        outcome = F.judge(kind, source.args(source.path, tmp_path), source.path, F._cells(source.path, kind, source.element),
+                          None, tmp_path / "res.h5ad")
         assert outcome.status == "ran", outcome
 
 
 def test_every_object_is_mutated(inputs):
-    for kind, (base, _, _, mutants) in inputs.items():
+    for kind, (source, mutants) in inputs.items():
         targets = {target.split("@")[0] for target, _ in mutants}
-        with F.h5py.File(base, "r") as h5:
+        with F.h5py.File(source.path, "r") as h5:
             names = set()
             h5.visit(names.add)
         assert names <= targets, (kind, names - targets)
@@ -58,9 +57,9 @@ def test_every_object_is_mutated(inputs):
 
 @pytest.mark.parametrize(("kind", "target", "how"), list(SUBSET))
 def test_mutant(inputs, tmp_path, kind, target, how):
-    base, extra, element, mutants = inputs[kind]
+    source, mutants = inputs[kind]
     work = tmp_path / "work"
     work.mkdir()
-    outcome = F.run_mutant(mutants[target, how], base, extra, element, work)
+    outcome = F.run_mutant(mutants[target, how], source, work)
     assert outcome is not None and not outcome.failed, outcome
     assert outcome.status == SUBSET[kind, target, how], outcome
