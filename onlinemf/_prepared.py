@@ -202,7 +202,7 @@ class PreparedSource(Source):
     """
 
     def __init__(self, source: Source, gene_index, scale, *, cache: str | None = None, tmpdir=None,
-                 block_size: int = 20000, lib_size=None):
+                 block_size: int = 20000, lib_size=None, raw_copy: _DiskCache | None = None):
         gene_index = np.asarray(gene_index, dtype=np.int64).ravel()
         scale = np.asarray(scale, dtype=np.float64).ravel()
         if gene_index.size != scale.size:
@@ -228,6 +228,8 @@ class PreparedSource(Source):
                 msg = f"{source.name}: expected one library size per cell ({source.n_cells}), found {lib_size.size}"
                 raise InputError(msg)
         self._lib_size = lib_size
+        # Decoded raw rows kept by the statistics pass (see RawCopies): read instead of decoding again.
+        self._raw_copy = raw_copy
         # int32 where it fits: the per-value gather col_map[indices] is a third faster than with int64
         map_dtype = np.int32 if gene_index.size < 2**31 else np.int64
         self._col_map = np.full(source.n_genes, -1, dtype=map_dtype)
@@ -259,7 +261,17 @@ class PreparedSource(Source):
         return self._cache is not None
 
     def _compute(self, start: int, stop: int) -> sp.csr_matrix:
-        return self._prepare(self._raw.read_block(start, stop), start, stop)
+        return self._prepare(self._read_raw(start, stop), start, stop)
+
+    def _read_raw(self, start: int, stop: int) -> sp.csr_matrix:
+        if self._raw_copy is not None:
+            return self._raw_copy.read(start, stop)
+        return self._raw.read_block(start, stop)
+
+    def _drop_raw_copy(self) -> None:
+        if self._raw_copy is not None:
+            self._raw_copy.close()
+            self._raw_copy = None
 
     def _prepare(self, raw: sp.csr_matrix, start: int, stop: int) -> sp.csr_matrix:
         lib = None if self._lib_size is None else self._lib_size[start:stop]
@@ -315,6 +327,7 @@ class PreparedSource(Source):
                     if progress is not None:
                         progress(stop - start)
                 self._cache = cache.finish()
+                self._drop_raw_copy()
             finally:
                 if self._cache is not cache:
                     cache.close()
@@ -322,7 +335,7 @@ class PreparedSource(Source):
     def _iter_raw(self, block_size: int):
         for start in range(0, self.n_cells, block_size):
             stop = min(start + block_size, self.n_cells)
-            yield start, stop, self._raw.read_block(start, stop)
+            yield start, stop, self._read_raw(start, stop)
 
     def _iter_computed(self, block_size: int):
         # the next raw block is read (and decoded) on a helper thread while this one is prepared
@@ -343,13 +356,15 @@ class PreparedSource(Source):
             with self._lock:
                 if self._cache is None:
                     self._cache = cache.finish()
+                    self._drop_raw_copy()
         finally:
             if self._cache is not cache:
                 cache.close()
 
     def close(self) -> None:
-        """Drop the cache (deleting its file); the raw source is left open."""
+        """Drop the cache and any raw copy (deleting their files); the raw source is left open."""
         with self._lock:
+            self._drop_raw_copy()
             if self._cache is not None:
                 self._cache.close()
                 self._cache = None
@@ -363,7 +378,8 @@ def build_caches(prepared: Sequence[PreparedSource], *, block_size: int | None =
     (8 batches, 100k cells: 16.8 s; one shared pass: see benchmarks/README.md).
     """
     todo = [p for p in prepared if p.cache_mode is not None and not p.cached]
-    for group in split_groups([p.source for p in todo]):
+    # a source with a raw copy reads that copy on its own, not the file with its sibling splits
+    for group in split_groups([p.source if p._raw_copy is None else None for p in todo]):
         members = [todo[g] for g in group]
         if len(members) == 1:
             members[0].build_cache(block_size=block_size, progress=progress)

@@ -27,12 +27,14 @@ from ._prefetch import prefetch
 from ._validation import check_distinct_names
 from ._prepared import (
     PreparedSource,
+    _DiskCache,
     Progress,
     _check_block_size,
     _row_scale,
     check_cache_mode,
 )
 from ._source import Source, check_values
+from .readers._decode import source_is_compressed
 from .readers._h5ad import iter_split_blocks, split_groups
 
 logger = logging.getLogger(__name__)
@@ -191,14 +193,35 @@ def compute_stats_all(sources: Sequence[Source], *, block_size: int = 20000,
                       progress: Progress = None) -> list[DatasetStats]:
     """:func:`compute_stats` of every source; batch splits of one file share one pass over it."""
     _check_block_size(block_size)
+    return _stats_pass(sources, block_size, progress, [None] * len(sources))
+
+
+def _stats_pass(sources: Sequence[Source], block_size: int, progress: Progress, raw_copies: list) -> list[DatasetStats]:
+    """The statistics pass; each raw block of ``sources[i]`` is also appended to ``raw_copies[i]`` if not None."""
     accumulators = [_StatsAccumulator(src) for src in sources]
     for group in split_groups(sources):
         # the next block is read (and decoded) on a helper thread while this one is summed
         for i, start, stop, block in prefetch(iter_split_blocks([sources[g] for g in group], block_size)):
             accumulators[group[i]].add(start, stop, block)
+            if raw_copies[group[i]] is not None:
+                raw_copies[group[i]].append(block)
             if progress is not None:
                 progress(stop - start)
     return [acc.result() for acc in accumulators]
+
+
+def _raw_copies(sources: Sequence[Source], cache: str | None, tmpdir) -> list:
+    """Where the statistics pass keeps the decoded rows of compressed sources, for the cache pass.
+
+    A cache pass follows when ``cache`` is set; for a gzip or lzf source it would decode the file a
+    second time, which costs several times more than writing the decoded rows once to plain
+    temporary files and reading them back (benchmarks/README.md). The copies are deleted as soon
+    as the prepared cache is built. Uncompressed sources are read again instead.
+    """
+    if cache is None:
+        return [None] * len(sources)
+    return [_DiskCache(src.n_genes, f"{src.name} (raw)", tmpdir) if source_is_compressed(src) else None
+            for src in sources]
 
 
 def _gene_test(stats: DatasetStats, thresh: float, alpha: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -493,7 +516,15 @@ def prepare(sources: Sequence[Source], *, genes=None, thresh: float = 0.1, alpha
             raise InputError(msg)
         for src in sources:  # fail before the streaming pass
             _gene_positions(src.var_names, genes, src.name)
-    stats = compute_stats_all(sources, block_size=block_size, progress=progress)
+    raw_copies = _raw_copies(sources, cache, tmpdir)
+    try:
+        stats = _stats_pass(sources, block_size, progress, raw_copies)
+        raw_copies = [None if c is None else c.finish() for c in raw_copies]
+    except BaseException:
+        for c in raw_copies:
+            if c is not None:
+                c.close()
+        raise
     if genes is None:
         genes = select_genes(stats, thresh=thresh, alpha=alpha, n_genes=n_genes, combine=combine)
     if isinstance(unshared, dict):
@@ -505,7 +536,7 @@ def prepare(sources: Sequence[Source], *, genes=None, thresh: float = 0.1, alpha
     scales = {st.name: scale_factors(st, columns[st.name]) for st in stats}
     prepared = [
         PreparedSource(src, _gene_positions(src.var_names, columns[src.name], src.name), scales[src.name],
-                       cache=cache, tmpdir=tmpdir, block_size=block_size, lib_size=st.lib_size)
-        for src, st in zip(sources, stats, strict=True)
+                       cache=cache, tmpdir=tmpdir, block_size=block_size, lib_size=st.lib_size, raw_copy=copy)
+        for src, st, copy in zip(sources, stats, raw_copies, strict=True)
     ]
     return Prepared(sources=prepared, genes=genes, stats=stats, scales=scales, unshared=own)

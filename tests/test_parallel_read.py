@@ -253,3 +253,50 @@ def test_prepared_passes_do_not_depend_on_the_thread_count(tmp_path, rng, filter
         np.testing.assert_array_equal(getattr(st1, key), getattr(st2, key))
     for key in ("indptr", "indices", "data"):
         np.testing.assert_array_equal(getattr(b1, key), getattr(b2, key))
+
+
+@pytest.mark.parametrize("cache", ["memory", "disk"])
+def test_compressed_sources_are_decoded_once(tmp_path, rng, cache, monkeypatch):
+    """The statistics pass keeps a plain copy of compressed rows; the cache pass reads it, not the file,
+    gives the same prepared rows as an uncached preparation, and the copy is deleted once the cache is built."""
+    from onlinemf import _prepared
+    from onlinemf._prepared import build_caches
+    from onlinemf.preprocess import prepare
+    from onlinemf.readers import open_sources
+
+    X = counts(rng, n=400, m=60, density=0.3)
+    path = tmp_path / "x.h5ad"
+    write_h5ad(path, X, "csr", "gzip", chunk=101)
+    with h5py.File(path, "a") as f:  # two interleaved batches: splits of one file
+        from anndata.io import write_elem
+        import pandas as pd
+
+        del f["obs"]
+        write_elem(f, "obs", pd.DataFrame({"batch": pd.Categorical(np.where(np.arange(400) % 3, "a", "b"))},
+                                          index=[f"c{i}" for i in range(400)]))
+    work = tmp_path / "work"
+    work.mkdir()
+    sources = open_sources([path], batch_key="batch")
+    try:
+        plain = prepare(sources, n_genes=20, block_size=64)
+        decoded = []
+        original = _prepared.PreparedSource._read_raw
+        monkeypatch.setattr(_prepared.PreparedSource, "_read_raw",
+                            lambda self, a, b: decoded.append(self._raw_copy is not None) or original(self, a, b))
+        cached = prepare(sources, genes=plain.genes, block_size=64, cache=cache, tmpdir=work)
+        assert len(list(work.iterdir())) == 2  # one raw copy per batch
+        build_caches(cached.sources, block_size=50)
+        assert decoded and all(decoded)  # every raw block came from the copies
+        assert len(list(work.iterdir())) == (2 if cache == "disk" else 0)  # copies gone, caches left
+        for a, b in zip(cached.sources, plain.sources, strict=True):
+            x, y = a.read_block(0, a.n_cells), b.read_block(0, b.n_cells)
+            for key in ("indptr", "indices", "data"):
+                np.testing.assert_array_equal(getattr(x, key), getattr(y, key))
+        cached.close()
+        assert list(work.iterdir()) == []
+        abandoned = prepare(sources, genes=plain.genes, block_size=64, cache=cache, tmpdir=work)
+        abandoned.close()  # closed before any cache pass: copies deleted too
+        assert list(work.iterdir()) == []
+    finally:
+        for s in sources:
+            s.close()

@@ -180,3 +180,14 @@ def read_range(dataset, lo: int, hi: int, *, threads: int | None = None) -> np.n
     for future in futures:
         future.result()
     return out
+
+
+def source_is_compressed(source) -> bool:
+    """Whether a reader's source stores its matrix values with an HDF5 compression filter
+    (decoding it again costs more than reading a plain copy)."""
+    reader = getattr(source, "_reader", None)
+    for name in ("_data", "_dataset"):
+        dataset = getattr(reader, name, None)
+        if isinstance(dataset, h5py.Dataset) and dataset.compression is not None:
+            return True
+    return False
