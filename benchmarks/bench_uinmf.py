@@ -2,7 +2,7 @@
 
 Usage (from the repository root, with the project's venv)::
 
-    .venv/bin/python benchmarks/bench_uinmf.py                        # 3 cases, seeds 1-30
+    .venv/bin/python benchmarks/bench_uinmf.py                        # 3 cases (block 300 and 6000), seeds 1-30
     .venv/bin/python benchmarks/bench_uinmf.py --cases baron --seeds 1 2 3
 
 Cases (``obs['cell_type']`` is the truth, ``obs['batch']`` the datasets):
@@ -12,7 +12,7 @@ Cases (``obs['cell_type']`` is the truth, ``obs['batch']`` the datasets):
   variable ones as unshared features (``--unshared CEL-seq2``).
 * ``baron``: Baron pancreas, human (175) + mouse (153) in one upper-case symbol space; each species' variable
   genes the other lacks are its unshared features (``--unshared human,mouse``).
-* ``cellbench5-block``: constructed. CellBench 5 cell lines on 3 CEL-seq2 plates; the ``--block`` genes most
+* ``cellbench5-block<N>``: constructed. CellBench 5 cell lines on 3 CEL-seq2 plates; the N (``--block``) genes most
   informative of the cell line (largest one-way ANOVA F of log1p library-normalised counts, all cells) are removed
   from plate p3's gene list, so they are not shared; p1 and p2 keep them as unshared features. Also run: the
   intact data, shared genes only (``intact``: what the removal costs).
@@ -116,17 +116,22 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
     ap.add_argument("--seeds", nargs="+", type=int, default=list(range(1, 31)))
-    ap.add_argument("--block", type=int, default=300, help="informative genes removed from p3 (cellbench5-block)")
+    ap.add_argument("--block", nargs="+", type=int, default=[300, 6000],
+                    help="informative genes removed from p3 (cellbench5-block: one run per value)")
+    ap.add_argument("--unshared-thresh", type=float, default=0.1, help="variance threshold of the unshared genes")
+    ap.add_argument("--out", default="uinmf_results.json", help="file name under benchmarks/_work")
     args = ap.parse_args(argv)
     WORK.mkdir(exist_ok=True)
     out = {"python": sys.version.split()[0], "machine": platform.machine(), "seeds": args.seeds,
-           "block": args.block, "cases": {}}
+           "block": args.block, "unshared_thresh": args.unshared_thresh, "cases": {}}
     with threadpool_limits(limits=1):
-        for case in args.cases:
+        todo = [(c, b) for c in args.cases for b in (args.block if c == "cellbench5-block" else [0])]
+        for case, block in todo:
             t0 = time.perf_counter()
-            sources, batches, labels, named = datasets_of(case, args.block)
+            sources, batches, labels, named = datasets_of(case, block)
             batch_size = min(s.n_cells for s in sources)
-            with prepare(sources, cache="memory") as shared, prepare(sources, cache="memory", unshared=named) as uinmf:
+            with prepare(sources, cache="memory") as shared, prepare(sources, cache="memory", unshared=named,
+                                                                         unshared_thresh=args.unshared_thresh) as uinmf:
                 assert list(shared.genes) == list(uinmf.genes)
                 counts = {n: int(g.size) for n, g in uinmf.unshared.items()}
                 runs = {"shared": [run(shared, {}, batches, labels, s, batch_size) for s in args.seeds],
@@ -141,6 +146,7 @@ def main(argv=None) -> int:
                    "intact_minus_shared": ({m: paired(runs["shared"], runs["intact"], m) for m in METRICS}
                                            if "intact" in runs else None),
                    "seconds": time.perf_counter() - t0}
+            case = f"{case}{block}" if block else case
             out["cases"][case] = res
             print(f"\n{case}: {res['n_shared_genes']} shared genes, unshared {counts}, {len(args.seeds)} seeds, "
                   f"{res['seconds']:.0f} s")
@@ -151,7 +157,7 @@ def main(argv=None) -> int:
             if res["intact_minus_shared"]:
                 print("  intact - shared (paired, ± s.e.): " + "  ".join(
                     f"{m} {d:+.3f} ± {se:.3f}" for m, (d, se) in res["intact_minus_shared"].items()))
-    (WORK / "uinmf_results.json").write_text(json.dumps(out, indent=1))
+    (WORK / args.out).write_text(json.dumps(out, indent=1))
     return 0
 
 
