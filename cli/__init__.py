@@ -126,6 +126,13 @@ def _output_options(func: Callable[..., Any]) -> Callable[..., Any]:
     return func
 
 
+def _scheduler_option(func: Callable[..., Any]) -> Callable[..., Any]:
+    return click.option("--scheduler", default=None, metavar="local:N|tcp://HOST:PORT|FILE",
+                        help="Run the factorization's mini-batch steps on a Dask cluster (needs the 'dask' extra): "
+                             "local:N starts N worker processes here; tcp://HOST:PORT or a scheduler file joins a "
+                             "running cluster, whose workers must read the inputs at the same paths.")(func)
+
+
 def _postprocess_seed(func: Callable[..., Any]) -> Callable[..., Any]:
     # fit has one --seed for the model and its post-processing; update and project learn no new seed.
     return click.option("--seed", default=None, type=int, show_default=False,
@@ -203,14 +210,16 @@ def _dataset_list(value: str | None) -> tuple[str, ...]:
 @click.option("--checkpoint", type=OUT_FILE, default=None, help="Save the fit state here every few mini-batches.")
 @click.option("--checkpoint-every", default=20, type=click.IntRange(min=1), help="Mini-batches between checkpoints.")
 @click.option("--resume", is_flag=True, help="Continue from --checkpoint if it exists.")
+@_scheduler_option
 @_user_errors
 def fit(inputs: tuple[Path, ...], k: int, lam: float, epochs: int, batch_size: int, seed: int, n_genes: int | None,
         var_thresh: float, combine: str, unshared: str | None, unshared_thresh: float, batch_key: str | None, layer: str | None, use_raw: bool, genome: str | None,
         threads: int, quiet: bool, verbose: int, output: Path | None, model: Path | None, cluster: bool, umap: bool,
         resolution: float, plots: Path | None, copy_x: bool, checkpoint: Path | None, checkpoint_every: int,
-        resume: bool) -> None:
+        resume: bool, scheduler: str | None) -> None:
     """Scenario 1: integrate datasets (several INPUTS, or one .h5ad split by --batch-key)."""
     from onlinemf import pipelines
+    from onlinemf._dask import scheduler_client
 
     if resume and checkpoint is None:
         raise InputError("--resume needs --checkpoint PATH (the checkpoint to continue from)")
@@ -219,15 +228,16 @@ def fit(inputs: tuple[Path, ...], k: int, lam: float, epochs: int, batch_size: i
     model = model or _default_output(inputs, "_model.h5")
     selection = pipelines.GeneSelection(n_genes=n_genes, var_thresh=var_thresh, combine=combine,
                                         unshared=_dataset_list(unshared), unshared_thresh=unshared_thresh)
-    summary = pipelines.fit(
-        inputs, output=output, model=model,
-        params=pipelines.ModelParams(k=k, lam=lam, epochs=epochs, batch_size=batch_size, seed=seed, threads=threads),
-        reading=pipelines.InputOptions(batch_key=key, layer=layer, use_raw=use_raw, genome=genome),
-        selection=selection,
-        outputs=pipelines.OutputOptions(cluster=cluster, umap=umap, resolution=resolution, seed=seed, plots=plots,
-                                        copy_x=copy_x),
-        checkpoint=checkpoint, checkpoint_every=checkpoint_every, resume=resume, progress=_progress(quiet),
-    )
+    with scheduler_client(scheduler) as client:
+        summary = pipelines.fit(
+            inputs, output=output, model=model, client=client,
+            params=pipelines.ModelParams(k=k, lam=lam, epochs=epochs, batch_size=batch_size, seed=seed, threads=threads),
+            reading=pipelines.InputOptions(batch_key=key, layer=layer, use_raw=use_raw, genome=genome),
+            selection=selection,
+            outputs=pipelines.OutputOptions(cluster=cluster, umap=umap, resolution=resolution, seed=seed, plots=plots,
+                                            copy_x=copy_x),
+            checkpoint=checkpoint, checkpoint_every=checkpoint_every, resume=resume, progress=_progress(quiet),
+        )
     _summary(summary, quiet)
 
 
@@ -240,23 +250,27 @@ def fit(inputs: tuple[Path, ...], k: int, lam: float, epochs: int, batch_size: i
 @click.option("--model-out", type=OUT_FILE, default=None, help="Updated model. Default: MODEL_updated.h5 in the current folder (MODEL is never overwritten).")
 @_output_options
 @_postprocess_seed
+@_scheduler_option
 @_user_errors
 def update(model: Path, inputs: tuple[Path, ...], epochs: int, batch_key: str | None, layer: str | None, use_raw: bool,
            genome: str | None, threads: int, quiet: bool, verbose: int, output: Path | None, model_out: Path | None,
-           cluster: bool, umap: bool, resolution: float, plots: Path | None, copy_x: bool, seed: int | None) -> None:
+           cluster: bool, umap: bool, resolution: float, plots: Path | None, copy_x: bool, seed: int | None,
+           scheduler: str | None) -> None:
     """Scenario 2: learn from new datasets with a saved MODEL, without reading the old data."""
     from onlinemf import pipelines
+    from onlinemf._dask import scheduler_client
 
     key = _resolve_batch_key(inputs, batch_key, quiet)
     output = output or _default_output(inputs, "_inmf.h5ad")
     model_out = model_out or Path.cwd() / (model.stem + "_updated.h5")
-    summary = pipelines.update(
-        model, inputs, output=output, model_out=model_out, epochs=epochs, threads=threads,
-        reading=pipelines.InputOptions(batch_key=key, layer=layer, use_raw=use_raw, genome=genome),
-        outputs=pipelines.OutputOptions(cluster=cluster, umap=umap, resolution=resolution, seed=seed, plots=plots,
-                                        copy_x=copy_x),
-        progress=_progress(quiet),
-    )
+    with scheduler_client(scheduler) as client:
+        summary = pipelines.update(
+            model, inputs, output=output, model_out=model_out, epochs=epochs, threads=threads, client=client,
+            reading=pipelines.InputOptions(batch_key=key, layer=layer, use_raw=use_raw, genome=genome),
+            outputs=pipelines.OutputOptions(cluster=cluster, umap=umap, resolution=resolution, seed=seed, plots=plots,
+                                            copy_x=copy_x),
+            progress=_progress(quiet),
+        )
     _summary(summary, quiet)
 
 

@@ -7,9 +7,10 @@ A step of the fit (:mod:`onlinemf._step`) maps ``unit_stats`` over fixed work un
 - the client never reads a mini-batch: :meth:`DaskExecutor.read_batch` describes it as :class:`RowsRef` (a
   dataset token and a row range), split into the same units as a local mini-batch;
 - each dataset is described once per fit by a :class:`SourceSpec` (input path, batch rows, selected genes and
-  scale factors), sent once to every worker; a worker opens it on first use and keeps it open (one per process);
-- per step, the factors (``W + V_i`` and the K x K Gram matrix per dataset) are sent once to every worker, and
-  each unit returns its ``H^T H`` (K x K), ``X^T H`` (genes x K) and loss;
+  scale factors) that reaches each worker once; a worker opens it on first use and keeps it open (per process);
+- per step, the factors (``W + V_i`` and the K x K Gram matrix per dataset) go to the cluster once and from
+  there to each worker that runs a unit, and each unit returns its ``H^T H`` (K x K), ``X^T H`` (genes x K) and
+  loss;
 - the client adds the units' statistics in unit order and runs the HALS updates, as a local fit does.
 
 The units, their rows and the order of the sums are those of a local fit and each unit is computed by the same
@@ -200,6 +201,16 @@ def worker_source(spec: SourceSpec) -> Source:
         return source
 
 
+def close_worker_sources() -> int:
+    """Close the sources this worker process holds open; returns how many (run on every worker before a
+    cluster this process started closes: open HDF5 files slow a worker's exit past the nanny's patience)."""
+    with _open_lock:
+        n = len(_open_sources)
+        while _open_sources:
+            _open_sources.popitem(last=False)[1].close()
+    return n
+
+
 def _load(ref: RowsRef, specs: dict[str, SourceSpec]) -> CsrRowRange:
     block = worker_source(specs[ref.token]).read_block(ref.start, ref.stop)
     if block.dtype != np.dtype(ref.dtype):
@@ -222,6 +233,10 @@ def run_item(fn: Callable[[Any], Any], item: Any, specs: dict[str, SourceSpec]) 
 
 
 # ----------------------------------------------------------------------------- client side
+def _identity(value: Any) -> Any:
+    return value
+
+
 def _refs(item: Any) -> list[RowsRef]:
     if isinstance(item, RowsRef):
         return [item]
@@ -258,7 +273,7 @@ class DaskExecutor:
     """Runs work units on the workers of a ``dask.distributed.Client``; results in item order.
 
     Items are ``(name, RowsRef)`` pairs (or anything holding :class:`RowsRef`); ``fn`` must be picklable (it is sent
-    once per :meth:`map` to every worker, then each task refers to it).
+    once per :meth:`map` to the cluster, and each task refers to it).
     """
 
     def __init__(self, client: Any):
@@ -266,17 +281,20 @@ class DaskExecutor:
         self._specs: dict[int, SourceSpec] = {}
         self._spec_futures: dict[str, Any] = {}
         self.traffic = Traffic()
+        self.n_workers = max(1, len(client.scheduler_info(n_workers=-1)["workers"]))
 
-    @property
-    def n_workers(self) -> int:
-        return max(1, len(self.client.scheduler_info(n_workers=-1)["workers"]))
+    def _shared(self, value: Any) -> Any:
+        # A task returning ``value``, not scattered data: workers fetch its result from each other, and if the
+        # worker holding it dies the scheduler recomputes it (scattered data would be lost, and a broadcast
+        # scatter waits on a dead worker).
+        return self.client.submit(_identity, value, pure=False)
 
     def _spec(self, source: Source) -> SourceSpec:
         spec = self._specs.get(id(source))
         if spec is None:
             spec = self._specs[id(source)] = describe(source)
         if spec.token not in self._spec_futures:
-            self._spec_futures[spec.token] = self.client.scatter(spec, broadcast=True, hash=False)
+            self._spec_futures[spec.token] = self._shared(spec)
         return spec
 
     def read_batch(self, sources: list[Source], step: Any, dtype: np.dtype) -> dict[str, list[RowsRef]]:
@@ -296,7 +314,7 @@ class DaskExecutor:
         if not items:
             return []
         t0 = time.perf_counter()
-        fn_future = self.client.scatter(fn, broadcast=True, hash=False)
+        fn_future = self._shared(fn)
         futures = []
         for item in items:
             specs = {ref.token: self._spec_futures[ref.token] for ref in _refs(item)}
@@ -313,7 +331,7 @@ class DaskExecutor:
             fn_future.release()
         self.traffic.steps += 1
         self.traffic.units += len(items)
-        self.traffic.bytes_out += _nbytes(fn) * self.n_workers
+        self.traffic.bytes_out += _nbytes(fn) * min(len(items), self.n_workers)
         self.traffic.bytes_in += _nbytes(results)
         self.traffic.seconds += time.perf_counter() - t0
         return results
@@ -385,10 +403,14 @@ def scheduler_client(scheduler: str | None) -> Iterator[Any]:
         n_workers = _local_workers(scheduler)
         logger.info("starting a local Dask cluster of %d worker processes", n_workers)
         cluster = distributed.LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True,
-                                           dashboard_address=None)
+                                           dashboard_address=None, scheduler_kwargs={"dashboard_address": ":0"})
         try:
             with distributed.Client(cluster) as client:
-                yield client
+                try:
+                    yield client
+                finally:
+                    with contextlib.suppress(Exception):  # a best effort: the workers are closed next anyway
+                        client.run(close_worker_sources)
         finally:
             cluster.close()
         return

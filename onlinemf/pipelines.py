@@ -230,6 +230,7 @@ def fit(
     resume: bool = False,
     cache: str | None = "auto",
     progress: Progress = NullProgress,
+    client: Any = None,
 ) -> RunSummary:
     """Scenario 1: learn W, V_i from fixed datasets streamed from disk; write results and model.
 
@@ -259,6 +260,10 @@ def fit(
         Where the prepared data is kept between epochs; "auto": memory up to 200,000 cells.
     progress : callable
         Progress-bar factory, ``progress(total=, desc=, unit=)`` -> context manager with ``update(n)``.
+    client : dask.distributed.Client or None
+        Run the mini-batch steps on this Dask cluster (its workers read the inputs, which must be at the same
+        paths for them); the model equals the local one. Preprocessing and the final H pass run here, with no
+        prepared-data cache (the workers read the files).
 
     Returns
     -------
@@ -288,7 +293,8 @@ def fit(
         select = {"thresh": selection.var_thresh, "alpha": selection.alpha, "n_genes": selection.n_genes,
                   "combine": selection.combine, "unshared_thresh": selection.unshared_thresh,
                   "unshared": list(selection.unshared) if unshared_genes is None else unshared_genes}
-        with _prepared_inputs(inputs, reading, outputs, progress, k=params.k, genes=genes, cache=cache,
+        with _prepared_inputs(inputs, reading, outputs, progress, k=params.k, genes=genes,
+                              cache=cache if client is None else None,
                               check=lambda sources: _check_cells_for_k(sources, params.k), **select) as (sources, prepared):
             timings["preprocess_s"] = time.perf_counter() - t0
             est = OnlineINMF(n_components=params.k, lam=params.lam, batch_size=params.batch_size,
@@ -301,7 +307,7 @@ def fit(
             t = time.perf_counter()
             with progress(total=None, desc="factorize", unit="batch") as bar:
                 est.fit(prepared.sources, progress=_step_progress(bar), callback=saver, resume=position,
-                        unshared={name: g.size for name, g in prepared.unshared.items()})
+                        unshared={name: g.size for name, g in prepared.unshared.items()}, client=client)
             timings["factorize_s"] = time.perf_counter() - t
             summary = _finish("fit", est, inputs, sources, prepared, reading, outputs, progress, output=output,
                               model=model, timings=timings,
@@ -326,6 +332,7 @@ def update(
     outputs: OutputOptions | None = None,
     cache: str | None = "auto",
     progress: Progress = NullProgress,
+    client: Any = None,
 ) -> RunSummary:
     """Scenario 2: learn from new datasets with a saved model, without reading the old data.
 
@@ -344,7 +351,7 @@ def update(
         Passes over the new data; None: the model's ``max_epochs``.
     threads : int or None
         Threads for the factorization and H passes (None: every core this process may use).
-    reading, outputs, cache, progress
+    reading, outputs, cache, progress, client
         As for :func:`fit`; the seed of ``outputs`` defaults to the model's.
 
     Returns
@@ -369,13 +376,14 @@ def update(
 
     timings: dict[str, float] = {}
     with threadpool_limits(limits=threads), _prepared_inputs(
-        inputs, reading, outputs, progress, genes=np.asarray(est.var_names_in_), cache=cache, check=check
+        inputs, reading, outputs, progress, genes=np.asarray(est.var_names_in_),
+        cache=cache if client is None else None, check=check
     ) as (sources, prepared):
         if epochs is not None:
             est.set_params(max_epochs=epochs)
         t = time.perf_counter()
         with progress(total=None, desc="update", unit="batch") as bar:
-            est.update(prepared.sources, progress=_step_progress(bar))
+            est.update(prepared.sources, progress=_step_progress(bar), client=client)
         timings["factorize_s"] = time.perf_counter() - t
         summary = _finish("update", est, inputs, sources, prepared, reading, outputs, progress, output=output,
                           model=model_out, timings=timings,

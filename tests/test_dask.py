@@ -1,0 +1,212 @@
+"""The fit on a real Dask cluster (``LocalCluster``, 2 worker processes, never a mock) equals the local fit.
+
+Tolerance: none. The cluster runs the same work units (the same rows, read by the workers from the input file),
+each with the same code and BLAS on one thread, and the client adds their statistics in unit order, so the
+distributed model equals the local one to the bit (W, every V/A/B, the objective). A worker killed mid-fit is
+replaced and its units rerun: still the same model.
+"""
+
+import copy
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import h5py
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from onlinemf._errors import InputError
+from onlinemf.engine import OnlineINMF
+from onlinemf.preprocess import prepare
+from onlinemf.readers import open_sources
+
+distributed = pytest.importorskip("distributed")
+psutil = pytest.importorskip("psutil")  # a dependency of distributed
+
+PARAMS = {"n_components": 6, "batch_size": 400, "max_epochs": 2, "random_state": 3, "n_threads": 1}
+FIT_ARGS = ["--k", "6", "--epochs", "2", "--batch-size", "400", "--seed", "3", "--n-genes", "300", "--batch-key",
+            "batch", "--no-umap", "--no-cluster", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def client():
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, \
+            distributed.Client(cluster) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def demo(demo_data, tmp_path_factory):
+    """The 3,000-cell demo, split by batch, prepared on 300 genes (memory cache, as the pipeline does locally)."""
+    path = tmp_path_factory.mktemp("dask") / "demo.h5ad"
+    shutil.copy(demo_data / "pbmc_demo.h5ad", path)
+    sources = open_sources([path], batch_key="batch")
+    prepared = prepare(sources, n_genes=300, cache="memory")
+    yield path, prepared
+    for s in [*prepared.sources, *sources]:
+        s.close()
+
+
+def assert_same_model(a: OnlineINMF, b: OnlineINMF) -> None:
+    np.testing.assert_array_equal(a.W_, b.W_)
+    assert a.dataset_names_ == b.dataset_names_
+    for name in a.dataset_names_:
+        for key in ("V_", "A_", "B_", "A_old_", "B_old_"):
+            np.testing.assert_array_equal(getattr(a, key)[name], getattr(b, key)[name], err_msg=f"{key}[{name}]")
+    assert a.objective_ == b.objective_
+    assert a.n_steps_ == b.n_steps_
+
+
+def test_distributed_fit_equals_local_fit(client, demo):
+    _, prepared = demo
+    local = OnlineINMF(**PARAMS).fit(prepared.sources)
+    remote = OnlineINMF(**PARAMS).fit(prepared.sources, client=client)
+    assert local.n_steps_ > 10
+    assert_same_model(local, remote)
+
+
+def test_distributed_update_equals_local_update(client, demo):
+    _, prepared = demo
+    first, second = prepared.sources
+    base = OnlineINMF(**PARAMS).fit([first])
+    state = base._state()
+    local = OnlineINMF._from_state(copy.deepcopy(state)).update([second])  # updates work in place
+    remote = OnlineINMF._from_state(copy.deepcopy(state)).update([second], client=client)
+    assert_same_model(local, remote)
+
+
+def test_killed_worker_mid_fit_gives_the_same_model(client, demo):
+    _, prepared = demo
+    local = OnlineINMF(**PARAMS).fit(prepared.sources)
+    pids = client.run(os.getpid)
+    killed = []
+
+    def kill_one(est, position):
+        if position["done"] == 3 and not killed:
+            victim = next(iter(pids.values()))
+            os.kill(victim, signal.SIGKILL)
+            killed.append(victim)
+
+    remote = OnlineINMF(**PARAMS).fit(prepared.sources, client=client, callback=kill_one)
+    assert killed
+    assert_same_model(local, remote)
+    client.wait_for_workers(2, timeout=120)  # the nanny restarts it; leave the cluster as found
+
+
+def test_input_missing_on_the_workers_names_worker_and_path(client, demo_data, tmp_path):
+    path = tmp_path / "gone.h5ad"
+    shutil.copy(demo_data / "pbmc_demo.h5ad", path)
+    sources = open_sources([path], batch_key="batch")
+    try:
+        prepared = prepare(sources, n_genes=300)
+        path.unlink()  # this process keeps its open handle; the workers cannot open the file any more
+        with pytest.raises(InputError, match=r"worker tcp://.* cannot see the input .*gone\.h5ad"):
+            OnlineINMF(**PARAMS).fit(prepared.sources, client=client)
+    finally:
+        for s in sources:
+            s.close()
+
+
+def test_in_memory_data_is_refused_with_a_client(client):
+    X = np.random.default_rng(0).random((50, 20)).astype(np.float32)
+    with pytest.raises(InputError, match="files the workers can reach.*MemorySource"):
+        OnlineINMF(n_components=3, batch_size=20, max_epochs=1).fit(X, client=client)
+
+
+def test_not_a_client_is_refused(demo):
+    _, prepared = demo
+    with pytest.raises(InputError, match="expected a dask.distributed.Client"):
+        OnlineINMF(**PARAMS).fit(prepared.sources, client="tcp://127.0.0.1:8786")
+
+
+def model_arrays(path) -> dict:
+    out = {}
+    with h5py.File(path, "r") as f:
+        f.visititems(lambda name, obj: out.__setitem__(name, obj[()]) if isinstance(obj, h5py.Dataset) else None)
+    return out
+
+
+def descendants() -> set[int]:
+    return {p.pid for p in psutil.Process().children(recursive=True)}
+
+
+def test_cli_scheduler_local_equals_local_and_leaves_no_process(client, demo, tmp_path):
+    from onlinemf.cli import main
+
+    path, _ = demo
+    before = descendants()  # the module's cluster
+    runner = CliRunner()
+    res = runner.invoke(main, ["fit", str(path), *FIT_ARGS, "-o", str(tmp_path / "d.h5ad"), "--model",
+                               str(tmp_path / "d.h5"), "--scheduler", "local:2"])
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(main, ["fit", str(path), *FIT_ARGS, "-o", str(tmp_path / "l.h5ad"), "--model",
+                               str(tmp_path / "l.h5")])
+    assert res.exit_code == 0, res.output
+    local, remote = model_arrays(tmp_path / "l.h5"), model_arrays(tmp_path / "d.h5")
+    assert sorted(local) == sorted(remote)
+    for key in local:
+        np.testing.assert_array_equal(local[key], remote[key], err_msg=key)
+    deadline = time.monotonic() + 30
+    while (left := descendants() - before) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not left, f"processes left by --scheduler local:2: {left}"
+
+
+def test_ctrl_c_closes_the_local_cluster(demo, tmp_path):
+    path, _ = demo
+    env = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    cmd = [sys.executable, "-m", "onlinemf.cli", "fit", str(path), "--k", "6", "--epochs", "200", "--batch-size",
+           "100", "--n-genes", "300", "--batch-key", "batch", "--no-umap", "--no-cluster", "--quiet",
+           "-o", str(tmp_path / "x.h5ad"), "--model", str(tmp_path / "x.h5"), "--scheduler", "local:2"]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    parent = psutil.Process(proc.pid)
+    workers: set[int] = set()
+    deadline = time.monotonic() + 180
+    while len(workers) < 2:  # the two worker processes (spawned by the nannies; other helpers may exist)
+        assert proc.poll() is None, proc.stderr.read()
+        assert time.monotonic() < deadline, "the cluster's workers did not start"
+        with_children = [p for p in parent.children(recursive=True) if p.is_running()]
+        workers = {p.pid for p in with_children if "spawn" in " ".join(p.cmdline())}
+        time.sleep(0.2)
+    tree = {p.pid for p in parent.children(recursive=True)}
+    time.sleep(1.0)  # let the run reach the cluster
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    deadline = time.monotonic() + 30
+    alive = tree
+    while alive and time.monotonic() < deadline:
+        alive = {pid for pid in tree if psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE}
+        time.sleep(0.2)
+    assert not alive, f"orphan processes after Ctrl-C: {alive}"
+    assert not (tmp_path / "x.h5").exists()
+
+
+def test_scheduler_without_dask_says_how_to_install(monkeypatch, demo, tmp_path):
+    from onlinemf.cli import main
+
+    path, _ = demo
+    monkeypatch.setitem(sys.modules, "distributed", None)  # as if the extra were not installed
+    res = CliRunner().invoke(main, ["fit", str(path), *FIT_ARGS, "-o", str(tmp_path / "n.h5ad"), "--scheduler",
+                                    "local:2"])
+    assert res.exit_code == 1
+    assert "pip install 'onlinemf[dask]'" in res.output
+    assert not (tmp_path / "n.h5ad").exists()
+
+
+@pytest.mark.parametrize(("value", "message"), [
+    ("local:0", "expected local:N with N a positive number"),
+    ("local:two", "expected local:N with N a positive number"),
+    ("no-such-scheduler.json", "found no such file"),
+])
+def test_bad_scheduler_values(value, message, demo, tmp_path):
+    from onlinemf.cli import main
+
+    path, _ = demo
+    res = CliRunner().invoke(main, ["fit", str(path), *FIT_ARGS, "-o", str(tmp_path / "n.h5ad"), "--scheduler", value])
+    assert res.exit_code == 1
+    assert message in res.output
