@@ -29,12 +29,12 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.spatial import cKDTree
 
+from ._cores import usable_cores
 from ._errors import InputError
 from ._validation import check_factors, check_int, dataset_codes
 from .postprocess import (
     _optional,
     _subsample,
-    _usable_cores,
     knn_indices,
     knn_vote,
     max_factor_labels,
@@ -274,7 +274,7 @@ def _neighbours(reference: np.ndarray, query: np.ndarray, k: int, metric: str, e
         index = faiss.IndexFlatL2(reference.shape[1])
         previous = faiss.omp_get_max_threads()
         # Many queries are one long parallel region (worth every core); a few are short ones (one thread).
-        faiss.omp_set_num_threads(_usable_cores() if query.shape[0] >= 10_000 else 1)
+        faiss.omp_set_num_threads(usable_cores() if query.shape[0] >= 10_000 else 1)
         try:
             index.add(np.ascontiguousarray(reference, dtype=np.float32))
             sq, idx = index.search(np.ascontiguousarray(query, dtype=np.float32), k)
