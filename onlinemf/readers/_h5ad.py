@@ -169,6 +169,7 @@ class H5adSource(Source):
             msg = f"{self._label}: expected unique gene names, found duplicates such as {', '.join(dups)}"
             raise InputError(msg)
         self._indptr = None
+        self._reader: CsrRows | DenseRows
         if self.encoding == "csr":
             self._indptr = indptr if indptr is not None else check_compressed(element, shape[0], "cells")
             self._reader = CsrRows(element["data"], element["indices"], self._indptr, shape)
@@ -190,7 +191,7 @@ class H5adSource(Source):
             msg = f"{self._label}: expected at least one cell in rows=, found none"
             raise InputError(msg)
         self._n_file_rows = shape[0]
-        self._obs = None
+        self._obs: np.ndarray | None = None
         self.layer, self.use_raw = layer, use_raw
         logger.debug("opened %s: %s %s, %d of %d cells", self._label, self.encoding, shape, self.n_cells, shape[0])
 
@@ -253,7 +254,7 @@ def split_groups(sources) -> list[list[int]]:
     for i, source in enumerate(sources):
         key = _split_key(source)
         groups.setdefault(("single", i) if key is None else key, []).append(i)
-    out = []
+    out: list = []
     for members in groups.values():
         rows = [sources[i].rows for i in members] if len(members) > 1 else []
         if rows and np.unique(np.concatenate(rows)).size != sum(len(r) for r in rows):
