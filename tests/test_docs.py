@@ -24,3 +24,9 @@ def test_outputs_doc_names_every_slot():
     for key in (_keys.OBSM_H, _keys.OBSM_H_NORM, _keys.OBSM_UMAP, _keys.OBS_CLUSTER, _keys.OBS_DATASET, _keys.VARM_W,
                 _keys.VAR_SELECTED, _keys.UNS):
         assert key in text, f"{key} missing from docs/outputs.md"
+
+
+def test_outputs_doc_names_every_tl_slot():
+    text = (DOCS / "outputs.md").read_text()
+    for attr, key in _keys.slots("<key>").items():
+        assert f"`{attr}['{key}']`" in text, f"tl.integrate slot {attr}['{key}'] missing from docs/outputs.md"
