@@ -6,13 +6,16 @@ mutated in turn (deleted, emptied, truncated to one element, retyped to strings 
 out-of-range values, duplicated names or a lying shape), and ``onlinemf`` is run on the mutant in-process with
 click's ``CliRunner``. For every mutant the fuzzer checks that:
 
-* the run either succeeds correctly (exit 0, finite H for every cell of the matrix) or is refused cleanly
-  (exit status 1 or 2, at most 3 lines on stderr, no traceback);
-* the input file is byte-for-byte unchanged (SHA-256 before and after);
+* the run either succeeds correctly (exit 0, finite H for every cell) or is refused cleanly (exit status 1 or
+  2, at most 3 lines on stderr, no traceback); for count files ``onlinemf info`` on the mutant must too;
+* the input file is byte-for-byte unchanged (SHA-256 before and after; a checkpoint may be consumed by a
+  successful resumed run);
 * a count matrix that an independent check (:func:`matrix_problem`, scipy's full CSR/CSC check and the
   declared shapes) finds structurally invalid is refused, never fitted.
 
-Run ``python tests/fuzz_inputs.py --all`` for the whole set (a few minutes; prints the count of mutants and
+Count files are fitted (``fit``); a mutated model is given to ``update``, a mutated checkpoint to
+``fit --resume``. Run ``python tests/fuzz_inputs.py --all`` for the whole set (each kind in worker processes,
+so that a crash is counted rather than fatal; about 15 minutes on 2 cores; prints the count of mutants and
 outcomes per kind, as quoted in docs/errors.md); ``tests/test_fuzz_inputs.py`` runs a fixed fast subset.
 """
 
@@ -147,7 +150,7 @@ def _model_inputs(folder: Path, adata: ad.AnnData) -> dict[str, Input]:
     adata[adata.obs["batch"] == "stim"].copy().write_h5ad(stim)
     n_stim = int((adata.obs["batch"] == "stim").sum())
     model = folder / "model.h5"
-    result = invoke(["fit", ctrl, "-o", folder / "fit.h5ad", "--model", model, *RUN])
+    result = invoke(["fit", ctrl, "-o", folder / "fit.h5ad", "--model", model, "--batch-key", "none", *RUN])
     assert result.exit_code == 0, result.output
     checkpoint = folder / "checkpoint.h5"
     save = model_io.Checkpoint.__call__
@@ -160,18 +163,18 @@ def _model_inputs(folder: Path, adata: ad.AnnData) -> dict[str, Input]:
     model_io.Checkpoint.__call__ = save_then_interrupt
     try:
         result = invoke(["fit", ctrl, "-o", folder / "ck.h5ad", "--model", folder / "ck_model.h5",
-                         "--checkpoint", checkpoint, "--checkpoint-every", "1", *CHECKPOINTED])
+                         "--checkpoint", checkpoint, "--checkpoint-every", "1", "--batch-key", "none", *CHECKPOINTED])
     finally:
         model_io.Checkpoint.__call__ = save
     assert result.exit_code == 130 and checkpoint.exists(), result.output
 
     def update_args(path, work):
         return ["update", path, stim, "-o", work / "res.h5ad", "--model-out", work / "model2.h5", "--epochs", "1",
-                "--no-umap", "--no-cluster", "--quiet"]
+                "--batch-key", "none", "--no-umap", "--no-cluster", "--quiet"]
 
     def resume_args(path, work):
         return ["fit", ctrl, "-o", work / "res.h5ad", "--model", work / "model.h5", "--checkpoint", path, "--resume",
-                "--checkpoint-every", "1", *CHECKPOINTED]
+                "--checkpoint-every", "1", "--batch-key", "none", *CHECKPOINTED]
 
     return {"model": Input(model, update_args, cells=n_stim),
             "checkpoint": Input(checkpoint, resume_args, cells=len(adata) - n_stim, consumed=True)}
@@ -421,6 +424,11 @@ def run_mutant(mutant: Mutant, source: Input, work: Path) -> Outcome | None:
         return None
     problem = matrix_problem(path, mutant.kind, source.element) if source.element else None
     try:
+        if source.element is not None:  # `onlinemf info` too: a summary (it reads no matrix) or a clean refusal
+            described = judge(mutant.label, ["info", path], path, None, None, work / "res.h5ad")
+            if described.failed:
+                described.status += " (info)"
+                return described
         cells = source.cells if source.element is None else (None if problem else _cells(path, mutant.kind, source.element))
         return judge(mutant.label, source.args(path, work), path, cells, problem, work / "res.h5ad", consumed=source.consumed)
     finally:
