@@ -184,7 +184,7 @@ def test_project_with_reference_transfers_labels(reference, tmp_path):
     truth = res.obs[LABEL].astype(str).to_numpy()
     predicted = res.obs["inmf_label"].astype(str).to_numpy()
     assert set(predicted) <= set(truth)
-    assert (predicted == truth).mean() > 0.6  # 8 populations: chance is well below
+    assert (predicted == truth).mean() > 0.5  # 8 rliger clusters; the largest holds 20 % of the cells
     confidence = res.obs["inmf_label_confidence"].to_numpy()
     distance = res.obs["inmf_mapping_distance"].to_numpy()
     assert ((confidence > 0) & (confidence <= 1)).all() and (distance >= 0).all()
