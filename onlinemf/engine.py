@@ -420,7 +420,9 @@ class OnlineINMF(ParamsMixin):
     def transform(self, X: Any, *, dataset: str | None = None) -> np.ndarray:
         """H of the cells in ``X``, shape (n_cells, K); never changes the model.
 
-        ``dataset``: a known dataset uses ``W + V_dataset`` and ``lam``; None projects on W only (scenario 3).
+        ``dataset``: a known dataset uses ``W + V_dataset`` and ``lam`` (with unshared features, ``X`` has them after
+        the model's genes and H solves the stacked UINMF system); None projects on W only, on the model's genes
+        only (scenario 3: U_i, like V_i, belongs to its dataset).
         """
         factors = self._factors(dataset)
         names = T._column_names(X)

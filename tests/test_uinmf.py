@@ -323,3 +323,62 @@ def test_tl_integrate_with_unshared_batches(shared_data):
     assert entry["dataset"] == "CEL-seq2" and entry["U"].shape == (entry["genes"].size, 4) and entry["genes"].size > 100
     drop = adata[adata.obs["batch"] == "Drop-seq"]
     assert np.asarray(drop[:, list(entry["genes"])].X.sum(axis=0)).max() == 0  # no counts in Drop-seq
+
+
+class _Bars:
+    """A progress factory whose factorize bar raises after ``stop`` mini-batches (an interrupted run)."""
+
+    def __init__(self, stop=None):
+        self.stop, self.first = stop, None
+
+    def __call__(self, total=None, desc="", unit=""):
+        bars = self
+
+        class Bar:
+            n = 0
+
+            def __enter__(self):
+                return self
+
+            def __exit__(self, *exc):
+                return False
+
+            def update(self, n=1):
+                pass
+
+            def set_postfix(self, **kw):
+                pass
+
+            def refresh(self):
+                if desc == "factorize" and bars.first is None:
+                    bars.first = self.n
+                if desc == "factorize" and bars.stop is not None and self.n >= bars.stop:
+                    raise RuntimeError("interrupted")
+
+        bar = Bar()
+        bar.total = total
+        return bar
+
+
+def test_pipeline_resume_keeps_the_unshared_genes_and_equals_an_uninterrupted_fit(tmp_path, shared_data):
+    from onlinemf import pipelines
+
+    def run(name, progress, resume=False):
+        return pipelines.fit(
+            [shared_data / CELLBENCH], model=tmp_path / f"{name}.h5", checkpoint=tmp_path / "ck.h5", checkpoint_every=1,
+            resume=resume, progress=progress, cache="memory",
+            params=pipelines.ModelParams(k=4, epochs=2, batch_size=150, seed=3, threads=1),
+            reading=pipelines.InputOptions(batch_key="batch"),
+            selection=pipelines.GeneSelection(n_genes=300, unshared=("CEL-seq2",)),
+            outputs=pipelines.OutputOptions(cluster=False, umap=False))
+
+    run("full", _Bars())
+    with pytest.raises(RuntimeError, match="interrupted"):
+        run("cut", _Bars(stop=3))
+    assert load_model(tmp_path / "ck.h5").estimator.n_steps_ == 2
+    bars = _Bars()
+    run("resumed", bars, resume=True)
+    assert bars.first == 3  # it continued after the checkpoint's 2 mini-batches
+    full, resumed = load_model(tmp_path / "full.h5").estimator, load_model(tmp_path / "resumed.h5").estimator
+    assert list(resumed.unshared_names_["CEL-seq2"]) == list(full.unshared_names_["CEL-seq2"])
+    assert_same(full, resumed)
