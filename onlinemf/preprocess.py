@@ -504,6 +504,11 @@ def prepare(sources: Sequence[Source], *, genes=None, thresh: float = 0.1, alpha
         raise InputError(msg)
     check_distinct_names([s.name for s in sources])
     check_cache_mode(cache)  # before the streaming pass, not after it
+    if unshared is not None and not isinstance(unshared, dict):
+        unknown = [n for n in unshared if n not in {s.name for s in sources}]
+        if unknown:
+            msg = f"unshared: expected dataset names among {[s.name for s in sources]}, found {unknown}"
+            raise InputError(msg)
     _check_block_size(block_size)
     for src in sources:
         if src.n_cells == 0:
