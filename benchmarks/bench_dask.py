@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from onlinemf import _dask
 from onlinemf import _training as T
 from onlinemf._dask import dask_executor
 from onlinemf.engine import OnlineINMF
@@ -70,7 +71,11 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--batch-size", type=int, default=5000)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--no-worker-cache", action="store_true",
+                        help="Workers read every unit from the file (as for datasets over 200k cells).")
     args = parser.parse_args()
+    if args.no_worker_cache:
+        _dask.WORKER_MEMORY_CACHE_CELLS = 0
 
     import distributed
 
@@ -83,7 +88,8 @@ def main() -> None:
     preprocess_s = time.perf_counter() - t
     n_cells = sum(s.n_cells for s in raw)
     print(f"data: {args.data.name}, {n_cells} cells, {len(prepared.genes)} genes, datasets "
-          f"{[s.name for s in raw]}; k={args.k}, mini-batch {args.batch_size}, {args.epochs} epochs")
+          f"{[s.name for s in raw]}; k={args.k}, mini-batch {args.batch_size}, {args.epochs} epochs; workers "
+          f"{'read every unit from the file' if args.no_worker_cache else 'cache datasets up to 200k cells'}")
     print(f"preprocess (client, both cases): {preprocess_s:.1f} s")
 
     t = time.perf_counter()
