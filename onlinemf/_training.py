@@ -20,7 +20,7 @@ from . import _step, _uinmf
 from ._errors import InputError
 from ._executor import imap, local_executor
 from ._rowrange import CsrRowRange, materialize
-from ._source import MemorySource, Source
+from ._source import MemorySource, Source, as_matrix
 from ._validation import check_distinct_names
 from .schedule import MinibatchPlan, Step
 
@@ -232,3 +232,43 @@ def h_blocks(blocks: Iterator, factors: Any, dtype: np.dtype, n_sweeps: int, n_t
                 H = parts[0][0] if len(parts) == 1 else np.vstack([p[0] for p in parts])
                 yield start, stop, H, sum(p[1] for p in parts)
                 parts = []
+
+
+def check_genes(model_genes: int, model_names: np.ndarray | None, n_genes: int, var_names: np.ndarray | None,
+                what: str, n_unshared: int = 0) -> None:
+    """Refuse data whose genes are not the model's (count, then names and order when both are known)."""
+    G = model_genes
+    if n_genes != G + n_unshared:
+        extra = f" then its {n_unshared} unshared features" if n_unshared else ""
+        msg = f"{what}: expected {G} genes as the model{extra}, found {n_genes}"
+        raise InputError(msg)
+    if var_names is not None and model_names is not None:
+        names = np.asarray(var_names).astype(str)[:G]
+        bad = np.flatnonzero(names != model_names)
+        if bad.size:
+            msg = (f"{what}: expected the model's genes in the same order, found {bad.size} differing, "
+                   f"first {str(names[bad[0]])!r} where the model has {str(model_names[bad[0]])!r}")
+            raise InputError(msg)
+
+
+def as_batch(X: Any, dataset: str | None, default_name: Callable[[], str], dtype: np.dtype) -> dict[str, Any]:
+    """A ``partial_fit`` mini-batch as ``{name: matrix or list of row blocks}`` in the working dtype."""
+    if isinstance(X, Mapping) and not sp.issparse(X):
+        if dataset is not None:
+            msg = f"partial_fit: expected dataset=None with a dict of mini-batches, found dataset={dataset!r}"
+            raise InputError(msg)
+        batch = {str(n): x for n, x in X.items()}
+    else:
+        batch = {default_name() if dataset is None else str(dataset): X}
+    return {name: _as_block(x, name, dtype) for name, x in batch.items()}
+
+
+def _as_block(X: Any, name: str, dtype: np.dtype) -> Any:
+    if isinstance(X, (list, tuple)):  # row blocks of one mini-batch, as minibatches() yields them
+        if not X:
+            msg = f"{name}: expected a mini-batch with at least one row block, found an empty list"
+            raise InputError(msg)
+        # Row ranges come from minibatches() over sources whose values were checked when read.
+        return [b if isinstance(b, CsrRowRange) and b.dtype == dtype
+                else as_matrix(materialize(b), name, dtype=dtype) for b in X]
+    return as_matrix(X, name, dtype=dtype)

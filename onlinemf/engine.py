@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from . import _solvers as S
-from . import _step, _uinmf
+from . import _state, _step, _uinmf
 from . import _training as T
 from ._errors import InputError
 from ._executor import local_executor
@@ -167,61 +167,17 @@ class OnlineINMF(ParamsMixin):
     def _state(self) -> dict:
         """Everything a fitted model is, as plain values and arrays (what :mod:`onlinemf.model_io` saves)."""
         self._check_fitted()
-        return {"params": self.get_params(), "rng_state": self._rng.bit_generator.state, "W": self.W_,
-                "var_names": self.var_names_in_, "n_steps": self.n_steps_, "n_epochs": self.n_epochs_,
-                "objective": list(self.objective_), "mode": self._mode,
-                "datasets": [{"name": n, "n_cells": self.n_cells_[n], "n_batches": self.n_batches_[n],
-                              "frozen": n in self.frozen_,
-                              **_uinmf.split_state({k: getattr(self, f"{k}_")[n] for k in _STATS}, self.W_.shape[1],
-                                                   self.unshared_names_.get(n))}
-                             for n in self.dataset_names_]}
+        return _state.describe(self, _STATS)
 
     @classmethod
     def _from_state(cls, state: dict) -> OnlineINMF:
         """The estimator :meth:`_state` described (parameters validated, arrays in the working dtype)."""
-        est = cls(**state["params"])
-        est._validate_params()
-        bitgen = getattr(np.random, state["rng_state"]["bit_generator"])()
-        bitgen.state = state["rng_state"]
-        est._reset(np.asarray(state["W"], dtype=est._dt), state.get("var_names"), np.random.Generator(bitgen))
-        for d in state["datasets"]:
-            arrays = _uinmf.join_state(d, _STATS, est._dt)
-            est._add_dataset(str(d["name"]), arrays["V"], d["n_cells"], d.get("unshared_names"))
-            for key in _STATS[1:]:
-                getattr(est, f"{key}_")[str(d["name"])] = arrays[key]
-            est.n_batches_[str(d["name"])] = int(d["n_batches"])
-            if d["frozen"]:
-                est.frozen_.add(str(d["name"]))
-        est.n_steps_, est.n_epochs_ = int(state["n_steps"]), int(state["n_epochs"])
-        est.objective_ = [float(x) for x in state["objective"]]
-        est._mode = state.get("mode", "fit")
-        return est
+        return _state.rebuild(cls(**state["params"]), state, _STATS)
 
     def _check_genes(self, n_genes: int, var_names: np.ndarray | None, what: str, n_unshared: int = 0) -> None:
-        G = self.W_.shape[1]
-        if n_genes != G + n_unshared:
-            extra = f" then its {n_unshared} unshared features" if n_unshared else ""
-            msg = f"{what}: expected {G} genes as the model{extra}, found {n_genes}"
-            raise InputError(msg)
-        if var_names is not None and self.var_names_in_ is not None:
-            names = np.asarray(var_names).astype(str)[:G]
-            bad = np.flatnonzero(names != self.var_names_in_)
-            if bad.size:
-                msg = (f"{what}: expected the model's genes in the same order, found {bad.size} differing, "
-                       f"first {str(names[bad[0]])!r} where the model has {str(self.var_names_in_[bad[0]])!r}")
-                raise InputError(msg)
+        T.check_genes(self.W_.shape[1], self.var_names_in_, n_genes, var_names, what, n_unshared)
 
     # ------------------------------------------------------------------ one iteration
-    def _as_block(self, X: Any, name: str) -> Any:
-        if isinstance(X, (list, tuple)):  # row blocks of one mini-batch, as minibatches() yields them
-            if not X:
-                msg = f"{name}: expected a mini-batch with at least one row block, found an empty list"
-                raise InputError(msg)
-            # Row ranges come from minibatches() over sources whose values were checked when read.
-            return [b if isinstance(b, CsrRowRange) and b.dtype == self._dt
-                    else as_matrix(materialize(b), name, dtype=self._dt) for b in X]
-        return as_matrix(X, name, dtype=self._dt)
-
     def _step(self, batch: dict, new_epoch: bool, executor: Any) -> dict[str, float]:
         """One iteration over ``batch`` (name -> matrix or row blocks): H, A/B, HALS; returns mini-batch losses.
 
@@ -263,14 +219,7 @@ class OnlineINMF(ParamsMixin):
         unshared : dict name -> int, optional
             For a dataset first seen here: its last u columns are its unshared features (see :meth:`fit`).
         """
-        if isinstance(X, Mapping):
-            if dataset is not None:
-                msg = f"partial_fit: expected dataset=None with a dict of mini-batches, found dataset={dataset!r}"
-                raise InputError(msg)
-            batch = {str(n): x for n, x in X.items()}
-        else:
-            batch = {self._default_dataset() if dataset is None else str(dataset): X}
-        batch = {n: self._as_block(x, n) for n, x in batch.items()}
+        batch = T.as_batch(X, dataset, self._default_dataset, self._dt)
         counts = _uinmf.unshared_counts(unshared, list(batch))
         if not hasattr(self, "W_"):
             self._validate_params()
