@@ -128,7 +128,7 @@ def _output_options(func: Callable[..., Any]) -> Callable[..., Any]:
 
 def _scheduler_option(func: Callable[..., Any]) -> Callable[..., Any]:
     return click.option("--scheduler", default=None, metavar="local:N|tcp://HOST:PORT|FILE",
-                        help="Run the factorization's mini-batch steps on a Dask cluster (needs the 'dask' extra): "
+                        help="Run the mini-batch steps and the H pass on a Dask cluster (needs the 'dask' extra): "
                              "local:N starts N worker processes here; tcp://HOST:PORT or a scheduler file joins a "
                              "running cluster, whose workers must read the inputs at the same paths.")(func)
 
@@ -281,22 +281,25 @@ def update(model: Path, inputs: tuple[Path, ...], epochs: int, batch_key: str | 
 @click.option("-o", "--output", type=OUT_FILE, default=None, help="Results .h5ad. Default: INPUT_projected.h5ad in the current folder.")
 @_output_options
 @_postprocess_seed
+@_scheduler_option
 @_user_errors
 def project(model: Path, inputs: tuple[Path, ...], batch_key: str | None, layer: str | None, use_raw: bool,
             genome: str | None, threads: int, quiet: bool, verbose: int, output: Path | None, cluster: bool, umap: bool,
-            resolution: float, plots: Path | None, copy_x: bool, seed: int | None) -> None:
+            resolution: float, plots: Path | None, copy_x: bool, seed: int | None, scheduler: str | None) -> None:
     """Scenario 3: project new cells onto a saved MODEL's shared factors (the model is unchanged)."""
     from onlinemf import pipelines
+    from onlinemf._dask import scheduler_client
 
     key = _resolve_batch_key(inputs, batch_key, quiet)
     output = output or _default_output(inputs, "_projected.h5ad")
-    summary = pipelines.project(
-        model, inputs, output=output, threads=threads,
-        reading=pipelines.InputOptions(batch_key=key, layer=layer, use_raw=use_raw, genome=genome),
-        outputs=pipelines.OutputOptions(cluster=cluster, umap=umap, resolution=resolution, seed=seed, plots=plots,
-                                        copy_x=copy_x),
-        progress=_progress(quiet),
-    )
+    with scheduler_client(scheduler) as client:
+        summary = pipelines.project(
+            model, inputs, output=output, threads=threads, client=client,
+            reading=pipelines.InputOptions(batch_key=key, layer=layer, use_raw=use_raw, genome=genome),
+            outputs=pipelines.OutputOptions(cluster=cluster, umap=umap, resolution=resolution, seed=seed, plots=plots,
+                                            copy_x=copy_x),
+            progress=_progress(quiet),
+        )
     _summary(summary, quiet)
 
 

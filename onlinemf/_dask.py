@@ -350,6 +350,49 @@ class DaskExecutor:
         self._specs.clear()
 
 
+#: Work units per round of the H pass on the cluster (memory on the client: the H of this many units at a time).
+H_PASS_UNITS = 256
+
+
+def transform_source(est: Any, source: Source, client: Any, *, dataset: str | None = None, block_size: int = 10000,
+                     with_objective: bool = False) -> tuple[np.ndarray, float | None]:
+    """:meth:`OnlineINMF.transform_source <onlinemf.engine.OnlineINMF.transform_source>` on the cluster.
+
+    The workers read the rows; the units are those of the local pass (blocks of ``block_size`` cells cut into work
+    units) and the losses are added in the same order, so H and the objective equal the local ones to the bit.
+    Only the factors go out and H (80 bytes per cell at K=20, float32) comes back.
+    """
+    from . import _step
+    from . import _training as T
+
+    factors = est._factors(dataset)
+    est._check_genes(source.n_genes, T.gene_names(source), source.name, est._n_unshared(dataset))
+    task = _step.HTask({"": factors}, est.h_sweeps, with_objective)
+    H = np.empty((source.n_cells, est.n_components), dtype=est._dt)
+    total = 0.0
+    with dask_executor(client) as executor:
+        token = executor._spec(source).token
+        dtype = np.dtype(est._dt).str
+        # (block start, unit) in block order; each block's losses are added as the local pass adds them
+        units = [(a, ref) for a in range(0, source.n_cells, block_size)
+                 for ref in RowsRef(token, a, min(a + block_size, source.n_cells), source.n_genes, dtype)
+                 .split_units(_step.UNIT_ROWS)]
+        block_losses: list[float] = []
+        current = None
+        for lo in range(0, len(units), H_PASS_UNITS):
+            window = units[lo:lo + H_PASS_UNITS]
+            for (block, ref), (H_unit, loss) in zip(window, executor.map(task, [("", r) for _, r in window]),
+                                                    strict=True):
+                if block != current and block_losses:
+                    total += sum(block_losses)
+                    block_losses = []
+                current = block
+                H[ref.start:ref.stop] = H_unit
+                block_losses.append(loss or 0.0)
+        total += sum(block_losses)
+    return H, (total if with_objective else None)
+
+
 def _require_distributed(what: str):
     return require_extra("dask", what, ("distributed",))[0]
 

@@ -198,10 +198,10 @@ def _prepared_inputs(inputs, reading: InputOptions, outputs: OutputOptions, prog
 
 
 def _finish(scenario, est, inputs, sources, prepared, reading: InputOptions, outputs: OutputOptions, progress, *,
-            output, model, model_kwargs, timings, params: dict, project=False) -> RunSummary:
+            output, model, model_kwargs, timings, params: dict, project=False, client=None) -> RunSummary:
     """Final H (with the objective), then model and results: the model is renamed into place only after the
     results are written, so a run leaves all its outputs or none."""
-    H, objective, timings["final_h_s"] = _final_h(est, prepared.sources, progress, project=project)
+    H, objective, timings["final_h_s"] = _final_h(est, prepared.sources, progress, project=project, client=client)
     summary = RunSummary(scenario, sum(s.n_cells for s in sources), {s.name: s.n_cells for s in sources},
                          len(prepared.genes), 0.0, objective, timings=timings)
     outputs = _with_seed(outputs, est)
@@ -262,8 +262,8 @@ def fit(
         Progress-bar factory, ``progress(total=, desc=, unit=)`` -> context manager with ``update(n)``.
     client : dask.distributed.Client or None
         Run the mini-batch steps on this Dask cluster (its workers read the inputs, which must be at the same
-        paths for them); the model equals the local one. Preprocessing and the final H pass run here, with no
-        prepared-data cache (the workers read the files).
+        paths for them); the model and H equal the local ones. Preprocessing runs here, with no prepared-data
+        cache (the workers read the files); the mini-batch steps and the final H pass run on the cluster.
 
     Returns
     -------
@@ -310,7 +310,7 @@ def fit(
                         unshared={name: g.size for name, g in prepared.unshared.items()}, client=client)
             timings["factorize_s"] = time.perf_counter() - t
             summary = _finish("fit", est, inputs, sources, prepared, reading, outputs, progress, output=output,
-                              model=model, timings=timings,
+                              model=model, timings=timings, client=client,
                               model_kwargs={"scaling": prepared.scales, "info": _model_info(selection, reading, inputs)},
                               params={**_estimator_params(est), **_option_params(params, reading, selection)})
     if checkpoint is not None and Path(checkpoint).exists():
@@ -386,7 +386,7 @@ def update(
             est.update(prepared.sources, progress=_step_progress(bar), client=client)
         timings["factorize_s"] = time.perf_counter() - t
         summary = _finish("update", est, inputs, sources, prepared, reading, outputs, progress, output=output,
-                          model=model_out, timings=timings,
+                          model=model_out, timings=timings, client=client,
                           model_kwargs={"scaling": {**(saved.scaling or {}), **prepared.scales}, "info": saved.info},
                           params={**_estimator_params(est), "threads": threads, **_option_params(reading)})
     summary.seconds = time.perf_counter() - t0
@@ -402,6 +402,7 @@ def project(
     reading: InputOptions | None = None,
     outputs: OutputOptions | None = None,
     progress: Progress = NullProgress,
+    client: Any = None,
 ) -> RunSummary:
     """Scenario 3: H of new cells on the learned W (V = 0); the model is not changed.
 
@@ -415,7 +416,7 @@ def project(
         Results ``.h5ad``.
     threads : int or None
         Threads for the factorization and H passes (None: every core this process may use).
-    reading, outputs, progress
+    reading, outputs, progress, client
         As for :func:`fit`; the seed of ``outputs`` defaults to the model's.
 
     Returns
@@ -433,7 +434,7 @@ def project(
         inputs, reading, outputs, progress, genes=np.asarray(est.var_names_in_)
     ) as (sources, prepared):
         summary = _finish("project", est, inputs, sources, prepared, reading, outputs, progress, output=output,
-                          model=None, model_kwargs={}, timings={}, project=True,
+                          model=None, model_kwargs={}, timings={}, project=True, client=client,
                           params={**_estimator_params(est), "threads": threads, **_option_params(reading)})
     summary.seconds = time.perf_counter() - t0
     return summary
@@ -518,15 +519,22 @@ def _step_progress(bar):
     return update
 
 
-def _final_h(est, prepared_sources, progress, *, project=False):
-    """H for every cell, streamed per block; the exact objective is accumulated in the same pass."""
+def _final_h(est, prepared_sources, progress, *, project=False, client=None):
+    """H for every cell, streamed per block (on the Dask cluster of ``client`` if given: same numbers); the exact
+    objective is accumulated in the same pass."""
     t = time.perf_counter()
     blocks, objective = [], 0.0
     n_total = sum(s.n_cells for s in prepared_sources)
     with progress(total=n_total, desc="project" if project else "final H", unit="cells") as bar:
         for src in prepared_sources:
             dataset = None if project else src.name
-            H, obj = est.transform_source(src, dataset=dataset, block_size=BLOCK_SIZE, with_objective=not project)
+            if client is None:
+                H, obj = est.transform_source(src, dataset=dataset, block_size=BLOCK_SIZE, with_objective=not project)
+            else:
+                from ._dask import transform_source
+
+                H, obj = transform_source(est, src, client, dataset=dataset, block_size=BLOCK_SIZE,
+                                          with_objective=not project)
             bar.update(src.n_cells)
             blocks.append(H)
             if obj is not None:

@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
+from onlinemf import _keys
 from onlinemf._errors import InputError
 from onlinemf.engine import OnlineINMF
 from onlinemf.preprocess import prepare
@@ -130,6 +131,25 @@ def model_arrays(path) -> dict:
     return out
 
 
+def assert_same_h(local_results, remote_results) -> None:
+    with h5py.File(local_results, "r") as a, h5py.File(remote_results, "r") as b:
+        for key in (_keys.OBSM_H, _keys.OBSM_H_NORM):
+            np.testing.assert_array_equal(a["obsm"][key][()], b["obsm"][key][()], err_msg=key)
+
+
+def test_project_on_the_cluster_equals_local(client, demo, tmp_path):
+    from onlinemf import pipelines
+
+    path, _ = demo
+    common = {"outputs": pipelines.OutputOptions(cluster=False, umap=False)}
+    pipelines.fit([path], model=tmp_path / "m.h5", reading=pipelines.InputOptions(batch_key="batch"),
+                  params=pipelines.ModelParams(k=6, epochs=1, batch_size=400, seed=3),
+                  selection=pipelines.GeneSelection(n_genes=300), **common)
+    pipelines.project(tmp_path / "m.h5", [path], output=tmp_path / "pl.h5ad", **common)
+    pipelines.project(tmp_path / "m.h5", [path], output=tmp_path / "pd.h5ad", client=client, **common)
+    assert_same_h(tmp_path / "pl.h5ad", tmp_path / "pd.h5ad")
+
+
 def descendants() -> set[int]:
     return {p.pid for p in psutil.Process().children(recursive=True)}
 
@@ -150,6 +170,7 @@ def test_cli_scheduler_local_equals_local_and_leaves_no_process(client, demo, tm
     assert sorted(local) == sorted(remote)
     for key in local:
         np.testing.assert_array_equal(local[key], remote[key], err_msg=key)
+    assert_same_h(tmp_path / "l.h5ad", tmp_path / "d.h5ad")  # the final H pass ran on the cluster
     deadline = time.monotonic() + 30
     while (left := descendants() - before) and time.monotonic() < deadline:
         time.sleep(0.2)
@@ -210,3 +231,18 @@ def test_bad_scheduler_values(value, message, demo, tmp_path):
     res = CliRunner().invoke(main, ["fit", str(path), *FIT_ARGS, "-o", str(tmp_path / "n.h5ad"), "--scheduler", value])
     assert res.exit_code == 1
     assert message in res.output
+
+
+@pytest.mark.parametrize("dataset", ["own factors", "projection on W"])
+def test_h_pass_on_the_cluster_equals_the_local_pass(client, demo, dataset):
+    from onlinemf._dask import transform_source
+
+    _, prepared = demo
+    est = OnlineINMF(**PARAMS).fit(prepared.sources)
+    for source in prepared.sources:
+        name = source.name if dataset == "own factors" else None
+        H, loss = est.transform_source(source, dataset=name, block_size=1500, with_objective=name is not None)
+        H_remote, loss_remote = transform_source(est, source, client, dataset=name, block_size=1500,
+                                                 with_objective=name is not None)
+        np.testing.assert_array_equal(H, H_remote)
+        assert loss == loss_remote
