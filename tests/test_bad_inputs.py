@@ -352,3 +352,34 @@ def test_one_cell_can_be_projected(work, fitted):
     assert result.exit_code == 0, result.output
     H = ad.read_h5ad(work / "p.h5ad").obsm["X_inmf"]
     assert H.shape == (1, 6) and np.isfinite(H).all() and H.sum() > 0
+
+
+def test_damaged_obs_column_the_run_does_not_use_is_left_out(work):
+    # rliger_leiden (cluster labels) with codes outside its categories: used by nothing, so the run finishes
+    path = B.tiny(work / "in.h5ad")
+    with h5py.File(path, "r+") as h5:
+        codes = h5["obs/rliger_leiden/codes"]
+        codes[0] = 99
+    before = B.digest(path)
+    result = CliRunner().invoke(main, [str(a) for a in fit_args(path, work, "--batch-key", "batch")], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    warnings = result.stderr.strip().splitlines()
+    assert len(warnings) == 1 and re.search(r"in\.h5ad: could not read obs column 'rliger_leiden': .*\(left out of the results\)", warnings[0])
+    res = ad.read_h5ad(work / "res.h5ad")
+    assert "rliger_leiden" not in res.obs and list(res.obs["batch"].cat.categories) == ["ctrl", "stim"]
+    assert B.digest(path) == before
+
+
+@pytest.mark.parametrize(("edit", "pattern"), [
+    (lambda h5: h5.__delitem__("matrix/barcodes"), r"expected a 1-D string or integer array matrix/barcodes, found none"),
+    (lambda h5: (h5.__delitem__("matrix/barcodes"), h5.create_dataset("matrix/barcodes", data=[b"AAAC"])),
+     r"expected 300 barcodes \(the shape's second value\) in matrix/barcodes, found 1"),
+    (lambda h5: (h5.__delitem__("matrix/features/name"), h5.create_dataset("matrix/features/name", data=[b"CD3E"])),
+     r"expected 266 features \(the shape's first value\) in matrix/shape, found 1"),
+])
+def test_10x_damaged_refused_before_work(work, edit, pattern):
+    path = work / "ctrl.h5"
+    shutil.copyfile(B.REPO / "data" / "kang_ctrl_300.h5", path)
+    with h5py.File(path, "r+") as h5:
+        edit(h5)
+    refused(work, fit_args(path, work), pattern)
