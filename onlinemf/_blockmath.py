@@ -144,26 +144,33 @@ def rows_of(X: sp.csr_matrix, r0: int, r1: int) -> sp.csr_matrix:
                          copy=False)
 
 
-def prepare_block_in_pieces(raw: sp.csr_matrix, col_map: np.ndarray, divisor: np.ndarray, n_out: int,
-                            lib: np.ndarray | None, n_pieces: int, map_fn=map) -> sp.csr_matrix:
-    """:func:`prepare_block` on ``n_pieces`` row ranges through ``map_fn`` (e.g. a thread pool's
-    ``map``; numpy and scipy release the GIL on these large arrays), then stacked.
+def prepare_parts(raw: sp.csr_matrix, col_map: np.ndarray, divisor: np.ndarray, n_out: int,
+                  lib: np.ndarray | None, n_pieces: int, map_fn=map) -> list[sp.csr_matrix]:
+    """:func:`prepare_block` on up to ``n_pieces`` consecutive row ranges through ``map_fn`` (e.g. a
+    thread pool's ``map``; numpy and scipy release the GIL on these large arrays): the prepared
+    rows, in order, as a list of CSR parts. A cache appends the parts as they are (no stacking copy).
 
-    Every output row depends on its raw row only, so the result equals :func:`prepare_block`'s,
-    bit for bit, for any number of pieces.
+    Every output row depends on its raw row only, so the stacked parts equal :func:`prepare_block`'s
+    result, bit for bit, for any number of pieces.
     """
     pieces = row_pieces(raw.indptr, n_pieces)
     if len(pieces) == 1:
-        return prepare_block(raw, col_map, divisor, n_out, lib)
+        return [prepare_block(raw, col_map, divisor, n_out, lib)]
 
     def one(bounds: tuple[int, int]) -> sp.csr_matrix:
         r0, r1 = bounds
         return prepare_block(rows_of(raw, r0, r1), col_map, divisor, n_out, None if lib is None else lib[r0:r1])
 
-    parts = list(map_fn(one, pieces))
+    return list(map_fn(one, pieces))
+
+
+def stack_parts(parts: list[sp.csr_matrix]) -> sp.csr_matrix:
+    """Consecutive row parts with sorted indices as one CSR matrix."""
+    if len(parts) == 1:
+        return parts[0]
     offsets = np.cumsum([0] + [p.nnz for p in parts])
     indptr = np.concatenate([[0]] + [p.indptr[1:].astype(np.int64) + off for p, off in zip(parts, offsets, strict=False)])
     out = sp.csr_matrix((np.concatenate([p.data for p in parts]), np.concatenate([p.indices for p in parts]), indptr),
-                        shape=(raw.shape[0], n_out))
+                        shape=(sum(p.shape[0] for p in parts), parts[0].shape[1]))
     out.has_sorted_indices = True  # each part is sorted
     return out

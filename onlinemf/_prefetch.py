@@ -13,6 +13,7 @@ import threading
 from collections.abc import Iterable, Iterator
 from typing import TypeVar
 
+from ._cores import return_large_frees_to_the_os
 from .readers._decode import read_threads, set_read_threads
 
 T = TypeVar("T")
@@ -40,6 +41,7 @@ def prefetch(items: Iterable[T], depth: int = 1) -> Iterator[T]:
     if depth < 1:
         yield from items
         return
+    return_large_frees_to_the_os()  # blocks freed on other threads: see the function
     box: queue.Queue = queue.Queue(maxsize=depth)
     stop = threading.Event()
     threads = read_threads()

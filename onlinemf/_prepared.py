@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import scipy.sparse as sp
 
-from ._blockmath import prepare_block, prepare_block_in_pieces
+from ._blockmath import prepare_block, prepare_parts, stack_parts
 from ._errors import InputError
 from ._prefetch import prefetch
 from ._rowrange import CsrRowRange
@@ -274,12 +274,16 @@ class PreparedSource(Source):
             self._raw_copy = None
 
     def _prepare(self, raw: sp.csr_matrix, start: int, stop: int) -> sp.csr_matrix:
+        return stack_parts(self._prepare_parts(raw, start, stop))
+
+    def _prepare_parts(self, raw: sp.csr_matrix, start: int, stop: int) -> list[sp.csr_matrix]:
+        """Rows ``start:stop`` prepared from their ``raw`` rows, as consecutive row parts."""
         lib = None if self._lib_size is None else self._lib_size[start:stop]
         threads = read_threads()
         if threads > 1 and raw.nnz >= PIECE_VALUES:  # rows are independent: same bits on any thread count
-            return prepare_block_in_pieces(raw, self._col_map, self._divisor, self.gene_index.size, lib,
-                                           threads, thread_pool(threads).map)
-        return _prepare_block(raw, self._col_map, self._divisor, self.gene_index.size, lib)
+            return prepare_parts(raw, self._col_map, self._divisor, self.gene_index.size, lib,
+                                 threads, thread_pool(threads).map)
+        return [_prepare_block(raw, self._col_map, self._divisor, self.gene_index.size, lib)]
 
     def _new_cache(self) -> _MemoryCache | _DiskCache:
         if self.cache_mode == "memory":
@@ -322,8 +326,10 @@ class PreparedSource(Source):
             logger.info("%s: caching prepared data (%s)", self.name, self.cache_mode)
             cache = self._new_cache()
             try:
-                for start, stop, block in self._iter_computed(block_size or self._block_size):
-                    cache.append(block)
+                # the next raw block is read on a helper thread while this one is prepared
+                for start, stop, raw in prefetch(self._iter_raw(block_size or self._block_size)):
+                    for part in self._prepare_parts(raw, start, stop):
+                        cache.append(part)
                     if progress is not None:
                         progress(stop - start)
                 self._cache = cache.finish()
@@ -390,7 +396,8 @@ def build_caches(prepared: Sequence[PreparedSource], *, block_size: int | None =
         try:
             raws = [member.source for member in members]
             for i, start, stop, raw in prefetch(iter_split_blocks(raws, block_size or members[0]._block_size)):
-                caches[i].append(members[i]._prepare(raw, start, stop))
+                for part in members[i]._prepare_parts(raw, start, stop):
+                    caches[i].append(part)
                 if progress is not None:
                     progress(stop - start)
             for member, cache in zip(members, caches, strict=True):

@@ -118,7 +118,7 @@ def test_empty_blocks():
 def test_prepare_in_pieces_equals_one_piece(n_pieces):
     from concurrent.futures import ThreadPoolExecutor
 
-    from onlinemf._blockmath import prepare_block_in_pieces, row_pieces
+    from onlinemf._blockmath import prepare_parts, row_pieces, stack_parts
 
     X = raw_block(4, with_zeros=True)
     col_map = np.full(X.shape[1], -1, dtype=np.int32)
@@ -129,7 +129,9 @@ def test_prepare_in_pieces_equals_one_piece(n_pieces):
     pieces = row_pieces(X.indptr, n_pieces)
     assert pieces[0][0] == 0 and pieces[-1][1] == X.shape[0] and len(pieces) <= n_pieces
     with ThreadPoolExecutor(2) as pool:
-        split = prepare_block_in_pieces(X, col_map, divisor, genes.size, None, n_pieces, pool.map)
+        parts = prepare_parts(X, col_map, divisor, genes.size, None, n_pieces, pool.map)
+    assert len(parts) == len(pieces)
+    split = stack_parts(parts)
     assert split.has_canonical_format
     for key in ("indptr", "indices", "data"):
         np.testing.assert_array_equal(getattr(split, key), getattr(whole, key))

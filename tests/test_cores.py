@@ -31,3 +31,10 @@ def test_usable_cores_is_capped_by_the_quota(tmp_path):
     path = tmp_path / "cpu.max"
     path.write_text("100000 100000\n")
     assert usable_cores(path) == 1
+
+
+def test_large_frees_setting_is_idempotent():
+    from onlinemf._cores import return_large_frees_to_the_os
+
+    first = return_large_frees_to_the_os()
+    assert return_large_frees_to_the_os() == first

@@ -293,8 +293,12 @@ def iter_split_blocks(sources, block_size: int):
         block.sum_duplicates()
         check_values(block.data, first._label)
         own = owner[lo:hi]
+        parts = []
         for i in np.unique(own):
             picked = np.flatnonzero(own == i)
             start = int(done[i])
             done[i] += picked.size
-            yield int(i), start, int(done[i]), block[picked]
+            parts.append((int(i), start, int(done[i]), block[picked]))
+        del block  # a prefetching consumer (onlinemf._prefetch) then waits on the parts only, not the raw block too
+        while parts:
+            yield parts.pop(0)
