@@ -88,14 +88,16 @@ def unshuffle(raw: bytes, itemsize: int) -> bytes:
     return out + raw[n * itemsize :]
 
 
-def decode_chunk(raw: bytes, filters: list[int], mask: int, itemsize: int) -> bytes:
-    """Undo ``filters`` (pipeline order) on one stored chunk; bit i of ``mask`` set = filter i was skipped."""
+def decode_chunk(raw: bytes, filters: list[int], mask: int, itemsize: int, size: int = zlib.DEF_BUF_SIZE) -> bytes:
+    """Undo ``filters`` (pipeline order) on one stored chunk; bit i of ``mask`` set = filter i was skipped.
+
+    ``size`` is the decoded size, so zlib allocates its output once instead of growing it from 16 KiB."""
     for i in range(len(filters) - 1, -1, -1):
         if mask & (1 << i):
             continue
         if filters[i] == FILTER_DEFLATE:
             try:
-                raw = zlib.decompress(raw)
+                raw = zlib.decompress(raw, bufsize=size)
             except zlib.error as exc:
                 msg = f"a gzip chunk does not decompress ({exc})"
                 raise OSError(msg) from None
@@ -135,7 +137,7 @@ def _chunk_grid(shape: tuple, chunks: tuple, lo: int, hi: int):
 def _decode_into(out: np.ndarray, tasks: list[_Chunk], filters, dtype: np.dtype, chunks: tuple) -> None:
     out_bytes = int(np.prod(chunks)) * dtype.itemsize
     for chunk in tasks:
-        decoded = decode_chunk(chunk.raw, filters, chunk.mask, dtype.itemsize)
+        decoded = decode_chunk(chunk.raw, filters, chunk.mask, dtype.itemsize, out_bytes)
         if len(decoded) < out_bytes:
             msg = f"a chunk decodes to {len(decoded)} bytes, expected {out_bytes}"
             raise OSError(msg)
