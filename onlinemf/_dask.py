@@ -42,7 +42,7 @@ from ._prepared import PreparedSource
 from ._rowrange import CsrRowRange
 from ._source import Source
 from ._validation import require_extra
-from .readers import H5adSource, TenxH5Source
+from .readers import H5adSource, TenxH5Source, ZarrSource
 
 logger = logging.getLogger("onlinemf.dask")
 
@@ -65,12 +65,12 @@ class SourceSpec:
         Identifies the description (content hash, including the file's size and modification time).
     name : str
         Dataset name.
-    kind : {"h5ad", "10x"}
+    kind : {"h5ad", "zarr", "10x"}
     path : str
         Absolute path of the input file, as the client sees it; workers must see it at the same path.
     options : dict
-        Reader options: ``layer``, ``use_raw``, ``rows`` (sorted file rows of a batch split) for h5ad; ``genome``
-        for 10x.
+        Reader options: ``layer``, ``use_raw``, ``rows`` (sorted file rows of a batch split) for h5ad; ``layer``,
+        ``rows`` for zarr; ``genome`` for 10x.
     gene_index : ndarray of int of shape (n_selected,) or None
         Selected genes (positions in the file's genes); None: the raw counts (an unprepared source).
     scale : ndarray of float64 of shape (n_selected,) or None
@@ -93,6 +93,8 @@ class SourceSpec:
 
         if self.kind == "h5ad":
             raw: Source = H5adSource(self.path, name=self.name, **self.options)
+        elif self.kind == "zarr":
+            raw = ZarrSource(self.path, name=self.name, **self.options)
         else:
             raw = TenxH5Source(self.path, name=self.name, **self.options)
         if self.gene_index is None:
@@ -122,11 +124,13 @@ def describe(source: Source) -> SourceSpec:
         raw, gene_index, scale = source.source, source.gene_index, source.scale
     if isinstance(raw, H5adSource):
         kind, options = "h5ad", {"layer": raw.layer, "use_raw": raw.use_raw, "rows": raw.rows}
+    elif isinstance(raw, ZarrSource):
+        kind, options = "zarr", {"layer": raw.layer, "rows": raw.rows}
     elif isinstance(raw, TenxH5Source):
         kind, options = "10x", {"genome": raw.genome}
     else:
         msg = (f"{source.name}: a fit on a Dask cluster needs datasets read from files the workers can reach "
-               f"(.h5ad or 10x .h5, prepared or not), found {type(raw).__name__}")
+               f"(.h5ad, .zarr or 10x .h5, prepared or not), found {type(raw).__name__}")
         raise InputError(msg)
     path = str(Path(raw.path).resolve())
     digest = hashlib.sha256()

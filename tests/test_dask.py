@@ -246,3 +246,21 @@ def test_h_pass_on_the_cluster_equals_the_local_pass(client, demo, dataset):
                                                  with_objective=name is not None)
         np.testing.assert_array_equal(H, H_remote)
         assert loss == loss_remote
+
+
+def test_zarr_store_on_the_cluster_equals_h5ad_locally(client, demo, tmp_path):
+    import warnings
+
+    import anndata as ad
+
+    from onlinemf.readers import open_zarr_sources
+
+    path, prepared = demo
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ad.read_h5ad(path).write_zarr(tmp_path / "demo.zarr")
+    zr = open_zarr_sources(tmp_path / "demo.zarr", batch_key="batch")
+    pz = prepare(zr, genes=prepared.genes)
+    local = OnlineINMF(**PARAMS).fit(prepared.sources)
+    remote = OnlineINMF(**PARAMS).fit(pz.sources, client=client)
+    assert_same_model(local, remote)

@@ -16,6 +16,7 @@ from ._open import (
     shared_genes,
 )
 from ._tenx import TenxH5Source
+from ._zarr import ZarrSource, open_zarr_sources, zarr_batch_rows
 
 __all__ = [
     "BATCH_KEY_CANDIDATES",
@@ -23,6 +24,7 @@ __all__ = [
     "MemorySource",
     "Source",
     "TenxH5Source",
+    "ZarrSource",
     "as_source",
     "batch_rows",
     "check_values",
@@ -33,7 +35,9 @@ __all__ = [
     "open_h5",
     "open_source",
     "open_sources",
+    "open_zarr_sources",
     "read_obs",
     "shared_genes",
     "split_groups",
+    "zarr_batch_rows",
 ]

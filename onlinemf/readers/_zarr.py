@@ -1,0 +1,188 @@
+"""Streaming reader for AnnData ``.zarr`` stores (``anndata.AnnData.write_zarr``): CSR or dense X, batches in obs.
+
+The rows are read by the same row readers as ``.h5ad`` (:mod:`._rows`: an indptr window and one data/indices
+range for CSR, a row slice for dense), on zarr arrays instead of HDF5 datasets, so a store gives the same blocks,
+to the bit, as the ``.h5ad`` it was written from. Names and obs columns are decoded with ``anndata.io.read_elem``
+(only those elements, never X). Python API only for now: the command line reads ``.h5ad`` and 10x ``.h5``.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from .._errors import InputError
+from .._source import Source, _check_range, check_indices, check_values
+from ._h5 import duplicates
+from ._h5ad import check_numeric, check_rows
+from ._rows import CsrRows, DenseRows, read_rows
+
+logger = logging.getLogger(__name__)
+
+
+def _open_group(path: Path):
+    import zarr
+
+    if not path.exists():
+        msg = f"{path}: no such zarr store"
+        raise InputError(msg)
+    try:
+        root = zarr.open_group(str(path), mode="r")
+    except Exception as exc:  # zarr raises several types for a folder that is not a store
+        msg = f"{path}: expected an AnnData .zarr store, could not open it as zarr ({type(exc).__name__}: {exc})"
+        raise InputError(msg) from None
+    if root.attrs.get("encoding-type") != "anndata":
+        msg = f"{path}: expected an AnnData .zarr store (encoding-type 'anndata'), found {root.attrs.get('encoding-type')!r}"
+        raise InputError(msg)
+    return root
+
+
+def _read_elem(root, key: str, path: Path):
+    from anndata.io import read_elem
+
+    try:
+        return read_elem(root[key])
+    except KeyError:
+        msg = f"{path}: expected an element {key!r} in the store, found none"
+        raise InputError(msg) from None
+
+
+def _strings(values) -> np.ndarray:
+    # via object: numpy's variable-width StringDType (what zarr v3 strings read as) does not cast to str directly
+    return np.asarray(values, dtype=object).astype(str)
+
+
+class ZarrSource(Source):
+    """Stream cells x genes row blocks of an AnnData ``.zarr`` store without loading it.
+
+    Parameters
+    ----------
+    path : str or Path
+        The store (a folder).
+    layer : str, optional
+        Read ``layers/<layer>`` instead of ``X``.
+    rows : ndarray of int, shape (n_selected,), optional
+        Sorted store rows: the source exposes only these cells (one dataset of a batch split).
+    name : str, optional
+        Dataset name; default the store's name without ``.zarr``.
+
+    Notes
+    -----
+    X must be CSR (``csr_matrix``) or dense (``array``); a CSC X is refused (write the store from a CSR AnnData).
+    Blocks are canonical CSR float32, checked like the ``.h5ad`` reader's (finite, non-negative, indices in range).
+    """
+
+    def __init__(self, path, *, layer: str | None = None, rows=None, name: str | None = None):
+        self.path = Path(path)
+        self.name = str(name) if name is not None else self.path.name.removesuffix(".zarr")
+        self.layer = layer
+        root = _open_group(self.path)
+        key = "X" if layer is None else f"layers/{layer}"
+        self._label = f"{self.path} ({key})"
+        try:
+            element = root[key]
+        except KeyError:
+            msg = f"{self.path}: expected a matrix at {key!r}, found none"
+            raise InputError(msg) from None
+        encoding = element.attrs.get("encoding-type", "array")
+        self._reader: CsrRows | DenseRows
+        shape: tuple[int, ...]
+        if encoding == "csr_matrix":
+            shape = tuple(int(n) for n in element.attrs["shape"])
+            check_numeric(element["data"].dtype, self._label)
+            indptr = np.asarray(element["indptr"][:], dtype=np.int64)
+            if indptr.size != shape[0] + 1 or indptr[0] != 0 or np.any(np.diff(indptr) < 0) \
+                    or indptr[-1] != element["data"].shape[0]:
+                msg = f"{self._label}: expected an indptr of {shape[0] + 1} non-decreasing offsets up to nnz, found otherwise"
+                raise InputError(msg)
+            self._reader = CsrRows(element["data"], element["indices"], indptr, (shape[0], shape[1]))
+        elif encoding == "array":
+            shape = tuple(int(n) for n in element.shape)
+            check_numeric(element.dtype, self._label)
+            self._reader = DenseRows(element)
+        else:
+            msg = f"{self._label}: expected a CSR or dense matrix, found {encoding!r} (write the store from CSR data)"
+            raise InputError(msg)
+        if len(shape) != 2 or shape[0] == 0 or shape[1] == 0:
+            msg = f"{self._label}: expected a non-empty 2-D matrix, found shape {shape}"
+            raise InputError(msg)
+        self._var = _strings(_read_elem(root, "var", self.path).index)
+        if len(self._var) != shape[1]:
+            msg = f"{self._label}: expected {shape[1]} var names, found {len(self._var)}"
+            raise InputError(msg)
+        dups = duplicates(self._var)
+        if dups:
+            msg = f"{self._label}: expected unique gene names, found duplicates such as {', '.join(dups)}"
+            raise InputError(msg)
+        self._root = root
+        self._n_file_rows = shape[0]
+        self._rows = None if rows is None else check_rows(rows, shape[0], self._label)
+        if self._rows is not None and len(self._rows) == 0:
+            msg = f"{self._label}: expected at least one cell in rows=, found none"
+            raise InputError(msg)
+        self._obs: np.ndarray | None = None
+
+    @property
+    def n_cells(self) -> int:
+        return self._n_file_rows if self._rows is None else len(self._rows)
+
+    @property
+    def var_names(self) -> np.ndarray:
+        return self._var
+
+    @property
+    def obs_names(self) -> np.ndarray:
+        if self._obs is None:
+            names = _strings(_read_elem(self._root, "obs/_index", self.path))
+            self._obs = names if self._rows is None else names[self._rows]
+        return self._obs
+
+    @property
+    def rows(self) -> np.ndarray | None:
+        """Store rows exposed by this source (None: all)."""
+        return self._rows
+
+    def read_block(self, start: int, stop: int) -> sp.csr_matrix:
+        _check_range(self, start, stop)
+        try:
+            block = read_rows(self._reader, self._rows, start, stop)
+        except OSError as exc:
+            msg = f"{self._label}: could not read cells {start}:{stop}: {exc}"
+            raise InputError(msg) from None
+        check_indices(block.indices, block.shape[1], self._label)
+        block.sum_duplicates()  # also sorts indices
+        check_values(block.data, self._label)
+        return block
+
+
+def zarr_batch_rows(path, batch_key: str) -> list[tuple[str, np.ndarray]]:
+    """``(category, sorted store rows)`` for each category of ``obs[batch_key]`` with cells, in category order."""
+    path = Path(path)
+    root = _open_group(path)
+    columns = [k for k in root["obs"].keys() if k != "_index"] if "obs" in root else []
+    if batch_key not in columns:
+        msg = f"{path}: unknown batch key {batch_key!r}; obs columns are: {', '.join(sorted(columns)) or 'none'}"
+        raise InputError(msg)
+    column = _read_elem(root, f"obs/{batch_key}", path)
+    column = column if isinstance(column, pd.Categorical) else pd.Categorical(np.asarray(column))
+    codes = np.asarray(column.codes)
+    if (codes < 0).any():
+        logger.warning("%s: %d cells with a missing %r are left out", path, int((codes < 0).sum()), batch_key)
+    present = [(str(cat), np.flatnonzero(codes == i)) for i, cat in enumerate(column.categories)]
+    present = [(cat, rows) for cat, rows in present if len(rows)]
+    if len(present) < 2:
+        msg = f"{path}: expected batch key {batch_key!r} to have at least 2 categories with cells, found {len(present)}"
+        raise InputError(msg)
+    return present
+
+
+def open_zarr_sources(path, *, batch_key: str | None = None, layer: str | None = None) -> list[ZarrSource]:
+    """The datasets of one store: the whole store, or one source per category of ``obs[batch_key]``
+    (named by category, as :func:`onlinemf.readers.open_sources` names the splits of one ``.h5ad``)."""
+    if batch_key is None:
+        return [ZarrSource(path, layer=layer)]
+    return [ZarrSource(path, layer=layer, rows=rows, name=category) for category, rows in zarr_batch_rows(path, batch_key)]

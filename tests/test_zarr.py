@@ -1,0 +1,77 @@
+"""AnnData .zarr stores (CSR or dense X, batches in obs) stream the same blocks, to the bit, as the .h5ad."""
+
+import warnings
+
+import anndata as ad
+import numpy as np
+import pytest
+import scipy.sparse as sp
+
+from onlinemf._errors import InputError
+from onlinemf.engine import OnlineINMF
+from onlinemf.preprocess import prepare
+from onlinemf.readers import ZarrSource, open_sources, open_zarr_sources
+
+pytest.importorskip("zarr")
+
+
+def write_zarr(adata: ad.AnnData, path) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # anndata's notice about the zarr format version it writes
+        adata.write_zarr(path)
+
+
+@pytest.fixture(scope="module", params=["csr", "dense"])
+def stores(request, demo_data, tmp_path_factory):
+    h5ad = demo_data / "pbmc_demo.h5ad"
+    adata = ad.read_h5ad(h5ad)
+    if request.param == "dense":
+        adata.X = adata.X.toarray()
+    path = tmp_path_factory.mktemp("zarr") / f"demo_{request.param}.zarr"
+    write_zarr(adata, path)
+    return h5ad, path
+
+
+def test_zarr_blocks_names_and_fit_equal_h5ad(stores):
+    h5ad, store = stores
+    h5 = open_sources([h5ad], batch_key="batch")
+    zr = open_zarr_sources(store, batch_key="batch")
+    assert [s.name for s in zr] == [s.name for s in h5]
+    for a, b in zip(h5, zr, strict=True):
+        np.testing.assert_array_equal(a.var_names, b.var_names)
+        np.testing.assert_array_equal(a.obs_names, b.obs_names)
+        for start, stop in [(0, a.n_cells), (17, 900), (1499, 1500)]:
+            x, y = a.read_block(start, stop), b.read_block(start, stop)
+            for attr in ("indptr", "indices", "data"):
+                np.testing.assert_array_equal(getattr(x, attr), getattr(y, attr))
+            assert x.dtype == y.dtype == np.float32
+    ph, pz = prepare(h5, n_genes=300), prepare(zr, n_genes=300)
+    np.testing.assert_array_equal(ph.genes, pz.genes)
+    params = {"n_components": 6, "batch_size": 400, "max_epochs": 1, "n_threads": 1}
+    m1, m2 = OnlineINMF(**params).fit(ph.sources), OnlineINMF(**params).fit(pz.sources)
+    np.testing.assert_array_equal(m1.W_, m2.W_)
+    assert m1.objective_ == m2.objective_
+    for s in h5:
+        s.close()
+
+
+def test_zarr_errors(tmp_path):
+    with pytest.raises(InputError, match="no such zarr store"):
+        ZarrSource(tmp_path / "missing.zarr")
+    (tmp_path / "empty.zarr").mkdir()
+    with pytest.raises(InputError, match="expected an AnnData .zarr store"):
+        ZarrSource(tmp_path / "empty.zarr")
+    X = sp.random(20, 10, density=0.3, format="csc", dtype=np.float32, random_state=0)
+    write_zarr(ad.AnnData(X), tmp_path / "csc.zarr")
+    with pytest.raises(InputError, match="expected a CSR or dense matrix, found 'csc_matrix'"):
+        ZarrSource(tmp_path / "csc.zarr")
+    adata = ad.AnnData(sp.random(20, 10, density=0.3, format="csr", dtype=np.float32, random_state=0))
+    adata.obs["batch"] = ["a"] * 10 + ["b"] * 10
+    write_zarr(adata, tmp_path / "ok.zarr")
+    with pytest.raises(InputError, match="unknown batch key 'sample'; obs columns are: batch"):
+        open_zarr_sources(tmp_path / "ok.zarr", batch_key="sample")
+    assert [s.n_cells for s in open_zarr_sources(tmp_path / "ok.zarr", batch_key="batch")] == [10, 10]
+    adata.X.data[0] = -1.0
+    write_zarr(adata, tmp_path / "negative.zarr")
+    with pytest.raises(InputError, match="non-negative"):
+        ZarrSource(tmp_path / "negative.zarr").read_block(0, 20)
