@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from onlinemf import _dask
+from onlinemf import _dask, _remote
 from onlinemf import _training as T
 from onlinemf._dask import dask_executor
 from onlinemf.engine import OnlineINMF
@@ -76,7 +76,7 @@ def main() -> None:
                         help="Workers read every unit from the file (as for datasets over 200k cells).")
     args = parser.parse_args()
     if args.no_worker_cache:
-        _dask.WORKER_MEMORY_CACHE_CELLS = 0
+        _remote.WORKER_MEMORY_CACHE_CELLS = 0
 
     import distributed
 

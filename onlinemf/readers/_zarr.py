@@ -32,7 +32,7 @@ def _open_group(path: Path):
         raise InputError(msg)
     try:
         root = zarr.open_group(str(path), mode="r")
-    except Exception as exc:  # zarr raises several types for a folder that is not a store
+    except Exception as exc:  # noqa: BLE001 - zarr raises several types for a folder that is not a store
         msg = f"{path}: expected an AnnData .zarr store, could not open it as zarr ({type(exc).__name__}: {exc})"
         raise InputError(msg) from None
     if root.attrs.get("encoding-type") != "anndata":
@@ -163,7 +163,7 @@ def zarr_batch_rows(path, batch_key: str) -> list[tuple[str, np.ndarray]]:
     """``(category, sorted store rows)`` for each category of ``obs[batch_key]`` with cells, in category order."""
     path = Path(path)
     root = _open_group(path)
-    columns = [k for k in root["obs"].keys() if k != "_index"] if "obs" in root else []
+    columns = [k for k in root["obs"] if k != "_index"] if "obs" in root else []
     if batch_key not in columns:
         msg = f"{path}: unknown batch key {batch_key!r}; obs columns are: {', '.join(sorted(columns)) or 'none'}"
         raise InputError(msg)
