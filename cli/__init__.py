@@ -25,6 +25,22 @@ if TYPE_CHECKING:  # the pipelines are imported by the commands that need them (
 OUT_FILE = click.Path(exists=False, dir_okay=False, path_type=Path)
 
 
+class _InputPath(click.Path):
+    """An input: an .h5ad or 10x .h5 file, or an AnnData .zarr store (a folder); other folders are refused."""
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        path = super().convert(value, param, ctx)
+        if Path(path).is_dir():
+            from onlinemf.readers._zarr import is_zarr_store
+
+            if not is_zarr_store(path):
+                self.fail(f"{str(value)!r} is a directory (and not a zarr store).", param, ctx)
+        return path
+
+
+IN_FILES = _InputPath(path_type=Path)
+
+
 def _user_errors(func: Callable[..., Any]) -> Callable[..., Any]:
     """Turn user errors into one clean line and a non-zero exit, never a traceback."""
 
@@ -148,7 +164,7 @@ def _resolve_batch_key(inputs: Sequence[Path], batch_key: str | None, quiet: boo
     from onlinemf.readers import describe, guess_batch_key
 
     info = describe(inputs[0])
-    if info.get("format") != "h5ad":
+    if info.get("format") not in ("h5ad", "zarr"):
         return None
     key = guess_batch_key(info.get("obs_columns", {}), info["n_cells"])
     if key is None:
@@ -190,7 +206,7 @@ def _dataset_list(value: str | None) -> tuple[str, ...]:
 
 
 @main.command()
-@click.argument("inputs", nargs=-1, required=True, type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("inputs", nargs=-1, required=True, type=IN_FILES)
 @click.option("--k", "k", default=20, type=click.IntRange(min=1), help="Number of factors K.")
 @click.option("--lambda", "lam", default=5.0, type=click.FloatRange(min=0), help="Regularisation of the dataset-specific factors.")
 @click.option("--epochs", default=5, type=click.IntRange(min=1), help="Passes over the data.")
@@ -243,7 +259,7 @@ def fit(inputs: tuple[Path, ...], k: int, lam: float, epochs: int, batch_size: i
 
 @main.command()
 @click.argument("model", type=click.Path(exists=False, dir_okay=False, path_type=Path))
-@click.argument("inputs", nargs=-1, required=True, type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("inputs", nargs=-1, required=True, type=IN_FILES)
 @click.option("--epochs", default=5, type=click.IntRange(min=1), help="Passes over the new data.")
 @_input_options
 @click.option("-o", "--output", type=OUT_FILE, default=None, help="Results .h5ad for the new cells. Default: INPUT_inmf.h5ad in the current folder.")
@@ -276,7 +292,7 @@ def update(model: Path, inputs: tuple[Path, ...], epochs: int, batch_key: str | 
 
 @main.command()
 @click.argument("model", type=click.Path(exists=False, dir_okay=False, path_type=Path))
-@click.argument("inputs", nargs=-1, required=True, type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("inputs", nargs=-1, required=True, type=IN_FILES)
 @_input_options
 @click.option("-o", "--output", type=OUT_FILE, default=None, help="Results .h5ad. Default: INPUT_projected.h5ad in the current folder.")
 @_output_options

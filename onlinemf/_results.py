@@ -20,6 +20,7 @@ from . import _keys, _warmup
 from ._errors import InputError
 from ._files import atomic_output
 from .readers import read_obs
+from .readers._zarr import is_zarr_store, zarr_n_obs
 
 logger = logging.getLogger(__name__)
 
@@ -54,7 +55,10 @@ class ResultsTable:
         if len(inputs) == 1:
             path = inputs[0]
             single = path if _is_h5ad(path) else None
-            n_cells = _h5ad_rows(path) if single else sum(s.n_cells for s in sources)
+            if single:
+                n_cells = _h5ad_rows(path)
+            else:  # a zarr store's splits sit at their rows, as an .h5ad's (other single inputs are not split)
+                n_cells = zarr_n_obs(path) if is_zarr_store(path) else sum(s.n_cells for s in sources)
 
             def obs_reader():
                 return _input_obs(path, sources)
@@ -151,7 +155,7 @@ def _h5ad_rows(path: Path) -> int:
 
 
 def _input_obs(path: Path, sources) -> pd.DataFrame:
-    if _is_h5ad(path):
+    if _is_h5ad(path) or is_zarr_store(path):
         obs = read_obs(path)
     else:
         obs = pd.DataFrame(index=pd.Index(np.concatenate([s.obs_names for s in sources]), name=None))

@@ -75,3 +75,25 @@ def test_zarr_errors(tmp_path):
     write_zarr(adata, tmp_path / "negative.zarr")
     with pytest.raises(InputError, match="non-negative"):
         ZarrSource(tmp_path / "negative.zarr").read_block(0, 20)
+
+
+def test_cli_fit_on_a_store_equals_fit_on_the_h5ad(stores, tmp_path):
+    import h5py
+    from click.testing import CliRunner
+    from onlinemf.cli import main
+
+    from onlinemf import _keys
+
+    h5ad, store = stores
+    args = ["--k", "6", "--epochs", "1", "--batch-size", "400", "--seed", "3", "--n-genes", "300", "--no-umap",
+            "--no-cluster", "--quiet"]  # batch key guessed from obs, as for the .h5ad
+    for name, path in (("h", h5ad), ("z", store)):
+        res = CliRunner().invoke(main, ["fit", str(path), *args, "-o", str(tmp_path / f"{name}.h5ad"), "--model",
+                                        str(tmp_path / f"{name}.h5")])
+        assert res.exit_code == 0, res.output
+    with h5py.File(tmp_path / "h.h5", "r") as a, h5py.File(tmp_path / "z.h5", "r") as b:
+        np.testing.assert_array_equal(a["W"][()], b["W"][()])
+    x, y = ad.read_h5ad(tmp_path / "h.h5ad"), ad.read_h5ad(tmp_path / "z.h5ad")
+    np.testing.assert_array_equal(x.obs_names, y.obs_names)
+    np.testing.assert_array_equal(x.obs[_keys.OBS_DATASET], y.obs[_keys.OBS_DATASET])
+    np.testing.assert_array_equal(x.obsm[_keys.OBSM_H], y.obsm[_keys.OBSM_H])

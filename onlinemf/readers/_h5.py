@@ -29,7 +29,7 @@ def open_h5(path) -> h5py.File:
         msg = f"{path}: file not found"
         raise InputError(msg)
     if path.is_dir():
-        msg = f"{path}: expected an HDF5 file (.h5ad or 10x .h5), found a directory (zarr stores are not supported)"
+        msg = f"{path}: expected an HDF5 file (.h5ad or 10x .h5), found a directory (AnnData .zarr stores: open_sources or ZarrSource)"
         raise InputError(msg)
     try:
         return h5py.File(path, "r")

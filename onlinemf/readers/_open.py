@@ -31,6 +31,7 @@ from ._h5 import (
 )
 from ._h5ad import H5adSource, layer_names, matrix_encoding, matrix_shape
 from ._tenx import TenxH5Source, tenx_layout
+from ._zarr import is_zarr_store, open_zarr_sources, zarr_describe, zarr_read_obs
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +44,9 @@ BATCH_KEY_CANDIDATES = (
 
 
 def file_format(path) -> str:
-    """``"h5ad"``, ``"10x-v3"`` or ``"10x-v2"``, read from the file's content."""
+    """``"h5ad"``, ``"10x-v3"``, ``"10x-v2"`` (read from the file's content) or ``"zarr"`` (an AnnData store)."""
+    if is_zarr_store(path):
+        return "zarr"
     with open_h5(path) as h5:
         return detect_format(h5)
 
@@ -126,6 +129,13 @@ def open_sources(paths, *, batch_key=None, layer=None, use_raw=False, genome=Non
     sources: list[Source] = []
     try:
         for path, stem in zip(paths, stems, strict=True):
+            if is_zarr_store(path):  # an AnnData .zarr store (readers/_zarr.py)
+                if use_raw or genome is not None:
+                    msg = f"{path}: use_raw= and genome= apply to .h5ad and 10x files, found a zarr store"
+                    raise InputError(msg)
+                sources.extend(open_zarr_sources(path, batch_key=batch_key, layer=layer, name=stem,
+                                                 prefix=f"{stem}:" if len(paths) > 1 else ""))
+                continue
             if batch_key is None:
                 sources.append(open_source(path, layer=layer, use_raw=use_raw, genome=genome, name=stem, tmp_dir=tmp_dir, progress=progress))
                 continue
@@ -148,8 +158,10 @@ def read_obs(path) -> pd.DataFrame:
 
     The cell names must be readable; a column that cannot be read (damaged, of another length, codes outside
     their categories, an encoding this anndata does not know) is left out with a one-line warning naming it:
-    a run never fails for a column it does not use.
+    a run never fails for a column it does not use. A zarr store's obs is read whole by anndata.
     """
+    if is_zarr_store(path):
+        return zarr_read_obs(path)
     with open_h5(path) as h5:
         fmt = detect_format(h5)
         if fmt != "h5ad":
@@ -206,8 +218,10 @@ def describe(path) -> dict:
         ``format`` ("h5ad" / "10x-v3" / "10x-v2"), ``n_cells``, ``n_genes``, ``encoding`` of X
         ("csr" / "csc" / "dense"; None without X), ``dtype``, ``layers`` (list), ``has_raw``, ``obs_columns``
         ({column: number of categories, or None for numeric columns}), ``genomes`` (list; with
-        several, ``n_genes`` counts the first genome's).
+        several, ``n_genes`` counts the first genome's). A zarr store gives format "zarr".
     """
+    if is_zarr_store(path):
+        return zarr_describe(path)
     with open_h5(path) as h5:
         fmt = detect_format(h5)
         if fmt == "h5ad":

@@ -3,7 +3,7 @@
 The rows are read by the same row readers as ``.h5ad`` (:mod:`._rows`: an indptr window and one data/indices
 range for CSR, a row slice for dense), on zarr arrays instead of HDF5 datasets, so a store gives the same blocks,
 to the bit, as the ``.h5ad`` it was written from. Names and obs columns are decoded with ``anndata.io.read_elem``
-(only those elements, never X). Python API only for now: the command line reads ``.h5ad`` and 10x ``.h5``.
+(only those elements, never X). The command line takes a store wherever it takes an ``.h5ad`` (:func:`onlinemf.readers.open_sources`).
 """
 
 from __future__ import annotations
@@ -180,9 +180,64 @@ def zarr_batch_rows(path, batch_key: str) -> list[tuple[str, np.ndarray]]:
     return present
 
 
-def open_zarr_sources(path, *, batch_key: str | None = None, layer: str | None = None) -> list[ZarrSource]:
-    """The datasets of one store: the whole store, or one source per category of ``obs[batch_key]``
-    (named by category, as :func:`onlinemf.readers.open_sources` names the splits of one ``.h5ad``)."""
+def open_zarr_sources(path, *, batch_key: str | None = None, layer: str | None = None, name: str | None = None,
+                      prefix: str = "") -> list[ZarrSource]:
+    """The datasets of one store: the whole store (named ``name``, default the store's name), or one source per
+    category of ``obs[batch_key]`` named ``prefix + category``, as :func:`onlinemf.readers.open_sources` names
+    the splits of one ``.h5ad``."""
     if batch_key is None:
-        return [ZarrSource(path, layer=layer)]
-    return [ZarrSource(path, layer=layer, rows=rows, name=category) for category, rows in zarr_batch_rows(path, batch_key)]
+        return [ZarrSource(path, layer=layer, name=name)]
+    return [ZarrSource(path, layer=layer, rows=rows, name=prefix + category)
+            for category, rows in zarr_batch_rows(path, batch_key)]
+
+
+def is_zarr_store(path) -> bool:
+    """Whether ``path`` is a zarr store (a folder with zarr v2 or v3 metadata), by its files only."""
+    path = Path(path)
+    return path.is_dir() and any((path / name).exists() for name in ("zarr.json", ".zgroup", ".zattrs"))
+
+
+def zarr_n_obs(path) -> int:
+    """Rows of a store's obs (its cells), from the obs index's length (nothing else read)."""
+    root = _open_group(Path(path))
+    try:
+        return int(root["obs"]["_index"].shape[0])
+    except KeyError:
+        msg = f"{path}: expected an obs index (obs/_index) in the store, found none"
+        raise InputError(msg) from None
+
+
+def zarr_read_obs(path) -> pd.DataFrame:
+    """The store's ``obs`` dataframe (never X), index as strings."""
+    path = Path(path)
+    obs = _read_elem(_open_group(path), "obs", path)
+    obs.index = _strings(obs.index)
+    return obs
+
+
+def zarr_describe(path) -> dict:
+    """:func:`onlinemf.readers.describe` for a store: format "zarr", shape, X encoding, layers, obs columns."""
+    path = Path(path)
+    root = _open_group(path)
+    element = root.get("X")
+    if element is None:
+        n_cells, n_genes, encoding, dtype = zarr_n_obs(path), len(_read_elem(root, "var", path)), None, None
+    elif element.attrs.get("encoding-type") == "csr_matrix":
+        n_cells, n_genes = (int(n) for n in element.attrs["shape"])
+        encoding, dtype = "csr", str(element["data"].dtype)
+    elif element.attrs.get("encoding-type") == "csc_matrix":
+        n_cells, n_genes = (int(n) for n in element.attrs["shape"])
+        encoding, dtype = "csc", str(element["data"].dtype)
+    else:
+        n_cells, n_genes = (int(n) for n in element.shape)
+        encoding, dtype = "dense", str(element.dtype)
+    obs_columns: dict = {}
+    for column in (k for k in root["obs"] if k != "_index") if "obs" in root else ():
+        try:
+            values = _read_elem(root, f"obs/{column}", path)
+        except Exception:  # noqa: BLE001, S112 - an unreadable column is simply not a batch-key candidate
+            continue
+        obs_columns[column] = len(values.categories) if isinstance(values, pd.Categorical) else None
+    return {"format": "zarr", "n_cells": int(n_cells), "n_genes": int(n_genes), "encoding": encoding, "dtype": dtype,
+            "layers": sorted(root["layers"]) if "layers" in root else [], "has_raw": False,
+            "obs_columns": obs_columns, "genomes": []}
