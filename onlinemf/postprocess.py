@@ -21,6 +21,10 @@ from ._errors import InputError
 from ._validation import check_factors, check_int, check_matrix, dataset_codes, require_extra
 
 logger = logging.getLogger(__name__)
+# faiss logs at INFO each CPU-specific build it fails to load ("Could not load library with AVX512 support
+# due to: ModuleNotFoundError ..."): noise in every CLI run, which shows INFO. Warnings still come through.
+if logging.getLogger("faiss.loader").level == logging.NOTSET:
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)
 
 #: Up to this many cells neighbour searches are exact; above, faiss's inverted-file index (or pynndescent).
 EXACT_KNN_MAX_CELLS = 50_000
