@@ -9,8 +9,9 @@ child against another checkout of the package (e.g. the commit before the change
 ``decode``: reads ``X/data`` and ``X/indices`` of each file whole, with plain h5py and with the
 threaded decoder at 1 and 2 threads, alternately, in one process; medians.
 
-    git archive 85afb2b | tar -x -C /tmp/before
-    .venv/bin/python benchmarks/bench_passes.py passes FILES... --code /tmp/before --repeat 3
+    git archive 85afb2b onlinemf | tar -x -C /tmp/before
+    git archive HEAD onlinemf | tar -x -C /tmp/after
+    .venv/bin/python benchmarks/bench_passes.py passes FILES... --code /tmp/before --after /tmp/after --repeat 3
     .venv/bin/python benchmarks/bench_passes.py decode FILES... --repeat 5
 """
 
@@ -121,6 +122,9 @@ def main(argv=None) -> None:
     parser.add_argument("mode", choices=["passes", "decode"])
     parser.add_argument("files", nargs="+", type=Path)
     parser.add_argument("--code", type=Path, default=None, help="Another checkout to compare with ('before').")
+    parser.add_argument("--after", type=Path, default=REPO,
+                        help="The checkout measured as 'after' (default this one; a `git archive HEAD` copy keeps "
+                             "others' uncommitted edits out of a long run).")
     parser.add_argument("--block-size", type=int, default=20000)
     parser.add_argument("--threads", type=int, default=0, help="Decoding threads (0: every usable core).")
     parser.add_argument("--repeat", type=int, default=3)
@@ -129,7 +133,7 @@ def main(argv=None) -> None:
         decode(args.files, args.repeat)
         return
     codes = {"before": args.code.resolve()} if args.code is not None else {}
-    codes["after"] = REPO
+    codes["after"] = args.after.resolve()
     passes([p.resolve() for p in args.files], codes, args.block_size, args.threads, args.repeat)
 
 
