@@ -29,8 +29,8 @@ class _InputPath(click.Path):
     """An input: an .h5ad or 10x .h5 file, or an AnnData .zarr store (a folder); other folders are refused."""
 
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
-        path = super().convert(value, param, ctx)
-        if Path(path).is_dir():
+        path = super().convert(value, param, ctx)  # a Path (path_type=Path)
+        if isinstance(path, Path) and path.is_dir():
             from onlinemf.readers._zarr import is_zarr_store
 
             if not is_zarr_store(path):
