@@ -14,7 +14,8 @@ Prints, for real H factors (onlinemf fits of the demo, Kang, cellbench 5 cell li
    clusters, ARI against cell types where the data has them, ARI between the two.
 3. kNN and quantile normalization: kd-tree (previous) against faiss (new): seconds, labels changed,
    alignment of H_norm.
-4. Quantile normalization of a synthetic H of ``--big`` cells (resampled Kang H rows, each entry times a
+4. quantile_norm + Leiden before and after, seeds 1-5: ARI against cell types, alignment, clusters.
+5. Quantile normalization of a synthetic H of ``--big`` cells (resampled Kang H rows, each entry times a
    lognormal(0, 0.1) factor, two datasets), new path; ``--big-old`` also runs the previous one (minutes).
 
     .venv/bin/python benchmarks/bench_postprocess.py                 # all sections (~6 min on 2 cores)
@@ -203,9 +204,10 @@ _FAISS: list = []
 
 
 def _without_faiss():
-    import faiss
+    if not _FAISS:
+        import faiss
 
-    _FAISS[:] = [faiss]
+        _FAISS[:] = [faiss]
     sys.modules["faiss"] = None  # makes postprocess._optional("faiss") return None
 
 
@@ -250,6 +252,45 @@ def bench_quantile(names: list[str]) -> list[dict]:
     return rows
 
 
+def bench_pipeline(names: list[str], seeds: list[int]) -> list[dict]:
+    """quantile_norm + Leiden as before (kd-tree kNN, leidenalg) and now (faiss, igraph): ARI, alignment."""
+    import igraph
+    import leidenalg
+
+    from onlinemf import metrics, postprocess
+
+    rows = []
+    for name in names:
+        d = factors(name)
+        for method in ("before", "after"):
+            scores = []
+            for seed in seeds:
+                if method == "before":
+                    _without_faiss()
+                    H_norm, _ = postprocess.quantile_norm(d["H"], d["datasets"], random_state=seed)
+                    snn = postprocess.snn_graph(postprocess.knn_indices(H_norm, 20, eps=0.1)).tocoo()
+                    g = igraph.Graph(n=H_norm.shape[0], edges=list(zip(snn.row.tolist(), snn.col.tolist())))
+                    part = leidenalg.find_partition(g, leidenalg.RBConfigurationVertexPartition,
+                                                    weights=snn.data.tolist(), n_iterations=-1, seed=seed)
+                    clusters = np.asarray(part.membership)
+                    _with_faiss()
+                else:
+                    H_norm, _ = postprocess.quantile_norm(d["H"], d["datasets"], random_state=seed)
+                    clusters = postprocess.cluster_leiden(H_norm, random_state=seed)
+                scores.append((metrics.alignment(H_norm, d["datasets"], random_state=seed),
+                               metrics.ari(d["labels"], clusters) if d["labels"] is not None else np.nan,
+                               clusters.max() + 1))
+            al, ari, ncl = np.asarray(scores, dtype=float).T
+            row = {"data": name, "method": method, "seeds": len(seeds), "alignment": al.mean(),
+                   "alignment_sd": al.std(ddof=1) if len(seeds) > 1 else 0.0, "ari": ari.mean(),
+                   "ari_sd": ari.std(ddof=1) if len(seeds) > 1 else 0.0, "clusters": ncl.mean()}
+            rows.append(row)
+            print(f"  {name:10s} {method:6s} alignment {row['alignment']:.4f} (sd {row['alignment_sd']:.4f})"
+                  f"  ARI {row['ari']:.4f} (sd {row['ari_sd']:.4f})  clusters {row['clusters']:.1f}"
+                  f"  ({len(seeds)} seeds)", flush=True)
+    return rows
+
+
 def synthetic_H(n_cells: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Kang H rows drawn with replacement, each entry times lognormal(0, 0.1): realistic shape, no duplicates."""
     d = factors("kang")
@@ -278,8 +319,8 @@ def bench_big(n_cells: int, old: bool) -> list[dict]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sections", nargs="+", default=["umap", "leiden", "quantile", "big"],
-                        choices=["umap", "leiden", "quantile", "big"])
+    parser.add_argument("--sections", nargs="+", default=["umap", "leiden", "quantile", "pipeline", "big"],
+                        choices=["umap", "leiden", "quantile", "pipeline", "big"])
     parser.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=list(DATASETS))
     parser.add_argument("--umap-candidates", nargs="+", default=UMAP_CANDIDATES, choices=UMAP_CANDIDATES)
     parser.add_argument("--big", type=int, default=1_000_000, help="cells of the synthetic H")
@@ -298,8 +339,11 @@ def main() -> None:
     if "quantile" in args.sections:
         print("\n3. kNN and quantile normalization: kd-tree (previous) against faiss")
         results["quantile"] = bench_quantile(args.datasets)
+    if "pipeline" in args.sections:
+        print("\n4. quantile_norm + Leiden, before (kd-tree, leidenalg) and after (faiss, igraph), seeds 1-5")
+        results["pipeline"] = bench_pipeline(args.datasets, seeds=[1, 2, 3, 4, 5])
     if "big" in args.sections:
-        print("\n4. Quantile normalization at scale")
+        print("\n5. Quantile normalization at scale")
         results["big"] = bench_big(args.big, args.big_old)
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(results, indent=1))
