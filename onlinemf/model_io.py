@@ -12,6 +12,9 @@ Layout (``format_version`` 2; version 1, without unshared features, still loads)
     /datasets/<i>  attrs: name, n_cells, n_batches, frozen; datasets V (K, G), A (K, K), B (K, G),
                    A_old (K, K), B_old (K, G); with u unshared features (UINMF, version 2) also U (K, u),
                    B_U (K, u), B_U_old (K, u) and unshared_names (u,) str, optional
+    /mapping       optional (``onlinemf fit``): quantiles (K, K, q+1) and n_cells (K,) of the reference dataset's H
+                   per cluster and factor (:class:`onlinemf.mapping.ReferenceQuantiles`); attrs settings (JSON),
+                   labels (JSON list), label_key (``--label-key``, optional). Files without it load (mapping None).
     /scaling/<i>   (G,) per-gene scale, attr name ((G + u,) for a dataset with u unshared features)
 
 Files are written by :func:`onlinemf._files.atomic_output` (temporary name beside the target, then renamed).
@@ -31,6 +34,7 @@ import numpy as np
 from ._errors import InputError, ModelError
 from ._files import atomic_output
 from .engine import OnlineINMF
+from .mapping import MappingRecord
 
 FORMAT_VERSION = 2
 #: Versions this module reads: 1 has no unshared features (UINMF's U_i), which version 2 adds.
@@ -72,6 +76,7 @@ class SavedModel:
     estimator: OnlineINMF
     scaling: dict = field(default_factory=dict)
     info: dict = field(default_factory=dict)
+    mapping: MappingRecord | None = None  # what mapping queries onto the fit's reference needs (fit only)
 
 
 # ----------------------------------------------------------------------------- writing
@@ -82,7 +87,7 @@ def _params_json(params: dict) -> str:
     return json.dumps(params)
 
 
-def _write(path, est: OnlineINMF, *, scaling=None, info=None, checkpoint_state=None) -> None:
+def _write(path, est: OnlineINMF, *, scaling=None, info=None, checkpoint_state=None, mapping=None) -> None:
     if not hasattr(est, "W_"):
         msg = "estimator: expected a fitted OnlineINMF, found one that is not fitted"
         raise InputError(msg)
@@ -121,9 +126,21 @@ def _write(path, est: OnlineINMF, *, scaling=None, info=None, checkpoint_state=N
             for i, (name, scale) in enumerate((scaling or {}).items()):
                 d = sg.create_dataset(str(i), data=np.asarray(scale, dtype=np.float64))
                 d.attrs["name"] = str(name)
+            if mapping is not None:
+                _write_mapping(f, mapping)
 
 
-def save_model(path, estimator, *, scaling=None, info=None) -> None:
+def _write_mapping(f: h5py.File, record: MappingRecord) -> None:
+    g = f.create_group("mapping")
+    g.attrs["settings"] = json.dumps(record.quantiles.settings())
+    g.attrs["labels"] = json.dumps([str(x) for x in record.labels])
+    if record.label_key is not None:
+        g.attrs["label_key"] = str(record.label_key)
+    g.create_dataset("quantiles", data=np.asarray(record.quantiles.values, dtype=np.float64))
+    g.create_dataset("n_cells", data=np.asarray(record.quantiles.n_cells, dtype=np.int64))
+
+
+def save_model(path, estimator, *, scaling=None, info=None, mapping: MappingRecord | None = None) -> None:
     """Save a fitted estimator (factors, statistics, counters, RNG state) to HDF5.
 
     Parameters
@@ -134,13 +151,15 @@ def save_model(path, estimator, *, scaling=None, info=None) -> None:
         Per-gene scale factors used to prepare each dataset.
     info : dict, optional
         JSON-able metadata (preprocessing parameters, ...).
+    mapping : MappingRecord, optional
+        Reference quantiles (and label column) for ``project --reference``.
     """
     try:
         json.dumps(info or {})
     except TypeError as exc:
         msg = f"info: expected JSON-able metadata, found {exc}"
         raise InputError(msg) from None
-    _write(path, estimator, scaling=scaling, info=info)
+    _write(path, estimator, scaling=scaling, info=info, mapping=mapping)
 
 
 def write_checkpoint(path, estimator: OnlineINMF, position: dict) -> None:
@@ -288,7 +307,34 @@ def _load(path):
 def load_model(path) -> SavedModel:
     """Load a model saved by :func:`save_model` (or a checkpoint); raises ModelError if unusable."""
     est, scaling, info, _ = _load(path)
-    return SavedModel(estimator=est, scaling=scaling, info=info)
+    return SavedModel(estimator=est, scaling=scaling, info=info, mapping=_read_mapping(path, est.n_components))
+
+
+def _read_mapping(path, K: int) -> MappingRecord | None:
+    """The optional ``/mapping`` group, checked from metadata before reading; None when the file has none."""
+    from .mapping import ReferenceQuantiles
+
+    with h5py.File(path, "r") as f:
+        g = f.get("mapping")
+        if g is None:
+            return None
+        if not isinstance(g, h5py.Group):
+            _fail(path, "mapping is not a group")
+        q = g.get("quantiles")
+        if not isinstance(q, h5py.Dataset) or q.ndim != 3 or q.shape[:2] != (K, K) or not 2 <= q.shape[2] <= 10_001:
+            _fail(path, f"mapping/quantiles is not a ({K}, {K}, q+1) array")
+        _dset(path, g, "quantiles", q.shape)
+        n = g.get("n_cells")
+        if not isinstance(n, h5py.Dataset) or n.shape != (K,) or n.dtype.kind not in "iu":
+            _fail(path, f"mapping/n_cells is not ({K},) integers")
+        settings, labels = _json_attr(path, g, "settings"), _json_attr(path, g, "labels", [])
+        label_key = g.attrs.get("label_key")
+        try:
+            quantiles = ReferenceQuantiles(values=q[...].astype(np.float64), n_cells=n[...].astype(np.int64), **settings)
+        except (TypeError, InputError) as exc:
+            _fail(path, f"mapping: {exc}")
+    return MappingRecord(quantiles=quantiles, label_key=None if label_key is None else str(label_key),
+                         labels=tuple(str(x) for x in labels))
 
 
 def read_checkpoint(path) -> tuple[OnlineINMF, dict]:

@@ -257,3 +257,47 @@ def test_model_without_mapping_data_says_what_is_missing(reference, tmp_path):
     # Without --reference the old model still projects.
     result = _cli(["project", old, reference["stim_a"], "-o", out, "--quiet", "--no-umap", "--no-cluster"])
     assert result.exit_code == 0, result.output
+
+
+# ----------------------------------------------------------------------------- model file
+def _fitted_with_record():
+    import scipy.sparse as sp
+
+    from onlinemf import OnlineINMF
+    from onlinemf.mapping import MappingRecord
+    from onlinemf.readers import MemorySource
+
+    X = sp.random(120, 30, density=0.4, random_state=0, format="csr") * 10
+    est = OnlineINMF(n_components=3, batch_size=60, max_epochs=2, random_state=0).fit([MemorySource(X, name="a")])
+    H = est.transform(X)
+    record = MappingRecord(reference_quantiles(H, np.zeros(120), min_cells=5), label_key="cell_type", labels=("x", "y"))
+    return est, record
+
+
+def test_model_file_keeps_the_mapping_record(tmp_path):
+    from onlinemf.model_io import load_model, save_model
+
+    est, record = _fitted_with_record()
+    save_model(tmp_path / "m.h5", est, mapping=record)
+    loaded = load_model(tmp_path / "m.h5").mapping
+    np.testing.assert_array_equal(loaded.quantiles.values, record.quantiles.values)  # NaN rows included
+    np.testing.assert_array_equal(loaded.quantiles.n_cells, record.quantiles.n_cells)
+    assert loaded.quantiles.settings() == record.quantiles.settings()
+    assert loaded.label_key == "cell_type" and loaded.labels == ("x", "y")
+    save_model(tmp_path / "plain.h5", est)  # update's models, and every model before mapping: none
+    assert load_model(tmp_path / "plain.h5").mapping is None
+
+
+def test_model_with_a_damaged_mapping_group_is_refused(tmp_path):
+    import h5py
+
+    from onlinemf import ModelError
+    from onlinemf.model_io import load_model, save_model
+
+    est, record = _fitted_with_record()
+    save_model(tmp_path / "m.h5", est, mapping=record)
+    with h5py.File(tmp_path / "m.h5", "r+") as f:
+        del f["mapping/quantiles"]
+        f["mapping"].create_dataset("quantiles", data=np.zeros((3, 2, 51)))
+    with pytest.raises(ModelError, match=r"mapping/quantiles is not a \(3, 3, q\+1\) array"):
+        load_model(tmp_path / "m.h5")
