@@ -37,12 +37,15 @@ class ReferenceCells:
     n_cells : int
         All cells of the reference, labelled or not.
     label_key : str
+    path : str
+        The results file they were read from.
     """
 
     H: np.ndarray
     labels: np.ndarray
     n_cells: int
     label_key: str
+    path: str = ""
 
 
 def _matrix(h5: h5py.File, group: str, key: str, rows: int, path: Path) -> h5py.Dataset:
@@ -104,7 +107,7 @@ def read_reference(path, *, label_key: str, W: np.ndarray, genes) -> ReferenceCe
             raise InputError(msg)
         H = np.asarray(H_d[...], dtype=np.float32)[labelled]
     return ReferenceCells(H=H, labels=labels[labelled].astype(str).to_numpy(dtype=object), n_cells=n_cells,
-                          label_key=label_key)
+                          label_key=label_key, path=str(path))
 
 
 def input_labels(inputs, label_key: str) -> tuple[str, ...]:
