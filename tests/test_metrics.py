@@ -102,3 +102,21 @@ def test_evaluate_gathers_available_metrics():
     assert only["alignment"] is None and "ari" not in only and "n_clusters" not in only
     with pytest.raises(InputError, match=r"clusters: expected shape \(300,\), found \(299,\)"):
         evaluate(X, ds, clusters=clusters[:-1])
+
+
+def test_exact_neighbours_same_with_and_without_faiss(monkeypatch):
+    import sys
+
+    pytest.importorskip("faiss")
+    from onlinemf.metrics import _neighbors_without_self
+
+    rng = np.random.default_rng(11)
+    X = rng.gamma(2.0, 1.0, size=(800, 12))
+    X[5] = X[6]  # duplicates: each must still drop itself, not its twin
+    ds = np.repeat(["a", "b"], 400)
+    with_faiss = _neighbors_without_self(X, 15), alignment(X, ds, k=30)
+    monkeypatch.setitem(sys.modules, "faiss", None)
+    without = _neighbors_without_self(X, 15), alignment(X, ds, k=30)
+    np.testing.assert_array_equal(np.sort(with_faiss[0], axis=1), np.sort(without[0], axis=1))
+    assert (with_faiss[0] != np.arange(800)[:, None]).all()
+    assert with_faiss[1] == without[1]
