@@ -301,3 +301,16 @@ def test_model_with_a_damaged_mapping_group_is_refused(tmp_path):
         f["mapping"].create_dataset("quantiles", data=np.zeros((3, 2, 51)))
     with pytest.raises(ModelError, match=r"mapping/quantiles is not a \(3, 3, q\+1\) array"):
         load_model(tmp_path / "m.h5")
+
+
+def test_fit_with_a_missing_label_key_is_refused_before_any_work(reference, tmp_path):
+    out, model = tmp_path / "res.h5ad", tmp_path / "model.h5"
+    _assert_refused(["fit", reference["ctrl"], "--batch-key", "none", "--label-key", "cell_type", "-o", out,
+                     "--model", model, *FAST], out, f"columns: batch, {LABEL}")
+    assert not model.exists()
+
+
+def test_label_key_without_reference_is_refused(reference, tmp_path):
+    out = tmp_path / "query.h5ad"
+    _assert_refused(["project", reference["model"], reference["stim_a"], "-o", out, "--label-key", LABEL, "--quiet"],
+                    out, "give --reference")
