@@ -34,6 +34,8 @@ SNN_PRUNE = 1.0 / 15.0
 #: searched per query. 467k resampled Kang cells x 20 factors, 1 thread: recall@20 0.990, search 10.5 s
 #: CPU (8 probes: 0.998, 17.7 s; sqrt(n)-sized lists cost O(n^1.5) and took 51 s).
 IVF_CELLS_PER_LIST = 250
+#: Edges handed to igraph at once (each slice is a list of Python tuples, ~150 bytes an edge).
+LEIDEN_EDGE_SLICE = 4_000_000
 IVF_PROBES = 4
 
 
@@ -338,8 +340,12 @@ def leiden_membership(igraph, graph: sparse.spmatrix, *, resolution: float, n_it
     back afterwards: a seed reproduces the partition without touching the global ``random`` state.
     """
     coo = graph.tocoo()
-    # A list of tuples is what igraph converts fastest (Kang, 461k edges: 0.5 s; ndarray 1.4 s).
-    g = igraph.Graph(n=graph.shape[0], edges=list(zip(coo.row.tolist(), coo.col.tolist())), directed=False)
+    # A list of tuples is what igraph converts fastest (Kang, 461k edges: 0.5 s; ndarray 1.4 s), but it costs
+    # ~150 bytes an edge (1M cells: ~35M edges), so large graphs get their edges in slices.
+    g = igraph.Graph(n=graph.shape[0], directed=False)
+    for start in range(0, coo.nnz, LEIDEN_EDGE_SLICE):
+        stop = start + LEIDEN_EDGE_SLICE
+        g.add_edges(list(zip(coo.row[start:stop].tolist(), coo.col[start:stop].tolist())))
     igraph.set_random_number_generator(random.Random(random_state))
     try:
         partition = g.community_leiden(objective_function="modularity", weights=coo.data.tolist(),

@@ -500,3 +500,13 @@ def test_backend_modules_name_what_will_be_imported():
     assert "igraph" in backend_modules(cluster=True, umap=False)
     umap_modules = backend_modules(cluster=False, umap=True)
     assert ("scranpy" in umap_modules) != ("umap" in umap_modules)
+
+
+def test_leiden_same_when_edges_come_in_slices(monkeypatch):
+    from onlinemf import postprocess
+
+    rng = np.random.default_rng(12)
+    X = np.vstack([rng.normal(4 * i, 1.0, size=(120, 5)) for i in range(3)])
+    whole = cluster_leiden(X, random_state=2)
+    monkeypatch.setattr(postprocess, "LEIDEN_EDGE_SLICE", 97)
+    np.testing.assert_array_equal(cluster_leiden(X, random_state=2), whole)
