@@ -128,7 +128,7 @@ def main() -> None:
     for key, values in times.items():
         med = statistics.median(values)
         print(f"  {key:<28} {med:7.2f} s   {1e3 * med / steps:7.1f} ms per mini-batch")
-    cluster_step = statistics.median(times[f"LocalCluster, {args.workers} processes"]) / steps
+    cluster_step = times[f"LocalCluster, {args.workers} processes"][-1] / steps  # the run the counters are from
     compute_step = traffic["compute_s"] / steps
     print(f"per mini-batch on the cluster (last run): {traffic['bytes_out'] / steps / 1e3:.0f} KB of factors out, "
           f"{traffic['bytes_in'] / steps / 1e3:.0f} KB of statistics in; workers' compute "
