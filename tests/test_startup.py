@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-HEAVY = ("umap", "matplotlib", "numba", "igraph", "leidenalg", "sklearn", "pynndescent")
+HEAVY = ("umap", "matplotlib", "numba", "igraph", "leidenalg", "sklearn", "pynndescent", "faiss", "scranpy")
 
 
 def _loaded_after(statement: str) -> list[str]:
