@@ -16,7 +16,7 @@ import h5py
 import numpy as np
 import pandas as pd
 
-from . import _keys, _warmup
+from . import _keys
 from ._errors import InputError
 from ._files import atomic_output
 from .readers import read_obs
@@ -183,8 +183,7 @@ def write_results(path, table: ResultsTable, *, H, H_norm=None, clusters=None, u
     if clusters is not None:
         labels = np.asarray(clusters).astype(str)
         obs[_keys.OBS_CLUSTER] = pd.Categorical(labels, categories=sorted(set(labels), key=_natural))
-    _warmup.wait()  # anndata may be being imported in the background (pipelines start it)
-    import anndata as ad
+    import anndata as ad  # here, not at import: 0.5 s that runs without outputs (and --help) need not pay
 
     with warnings.catch_warnings():  # non-unique cell names: already said by read_obs, in one line
         warnings.filterwarnings("ignore", message="Observation names are not unique")

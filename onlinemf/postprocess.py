@@ -49,21 +49,6 @@ def _optional(module: str):
         return None
 
 
-def backend_modules(*, cluster: bool, umap: bool) -> list[str]:
-    """The libraries :func:`cluster_leiden` and :func:`run_umap` will import, for a pipeline to preload.
-
-    Looks them up without importing anything (``importlib.util.find_spec``).
-    """
-    from importlib.util import find_spec
-
-    modules = ["faiss"] if (cluster or umap) and find_spec("faiss") is not None else []
-    if cluster:
-        modules.append("igraph")
-    if umap:
-        modules += ["knncolle", "scranpy"] if find_spec("scranpy") is not None else ["umap"]
-    return modules
-
-
 def max_factor_labels(H: np.ndarray) -> np.ndarray:
     """Label each cell by its largest RMS-scaled factor (rliger ``max_factor``), -1 when none is > 0.
 

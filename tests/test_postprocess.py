@@ -493,15 +493,6 @@ def test_umappp_is_reproducible_and_keeps_neighbourhoods():
     assert (group[near[:, 1:]] == group[:, None]).mean() > 0.95
 
 
-def test_backend_modules_name_what_will_be_imported():
-    from onlinemf.postprocess import backend_modules
-
-    assert backend_modules(cluster=False, umap=False) == []
-    assert "igraph" in backend_modules(cluster=True, umap=False)
-    umap_modules = backend_modules(cluster=False, umap=True)
-    assert ("scranpy" in umap_modules) != ("umap" in umap_modules)
-
-
 def test_leiden_same_when_edges_come_in_slices(monkeypatch):
     from onlinemf import postprocess
 
