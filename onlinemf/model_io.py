@@ -202,6 +202,52 @@ def _unshared_dsets(path, g, K: int, version: int) -> dict:
     return out
 
 
+def _is_int(value) -> bool:
+    return isinstance(value, int | np.integer) and not isinstance(value, bool | np.bool_)
+
+
+def _count(path, node, key: str) -> int:
+    """A non-negative integer attribute of ``node`` (a counter; 0 when absent)."""
+    value = node.attrs.get(key, 0)
+    if not _is_int(value) or value < 0:
+        label = "/".join(p for p in (node.name.strip("/"), key) if p)
+        _fail(path, f"attribute {label} is {value!r}, expected a non-negative integer")
+    return int(value)
+
+
+def _values(path, dataset: h5py.Dataset) -> np.ndarray:
+    """The values of a factor, statistic or scale array, refused unless finite and non-negative."""
+    values = dataset[...]
+    if not np.isfinite(values).all() or (values < 0).any():
+        what = "non-finite" if not np.isfinite(values).all() else "negative"
+        _fail(path, f"{dataset.name.strip('/')} has {what} values")
+    return values
+
+
+def _check_position(path, position, est: OnlineINMF) -> None:
+    """A checkpoint's plan position: the fields a resumed run uses, of the right types, for the datasets it holds."""
+    if not isinstance(position, dict):
+        _fail(path, "attribute 'checkpoint' is not a mapping")
+    done, n_steps, sources, acc = (position.get(k) for k in ("done", "n_steps", "sources", "acc"))
+    if not (_is_int(done) and _is_int(n_steps) and 0 <= done <= n_steps):
+        _fail(path, f"checkpoint position done={done!r} of n_steps={n_steps!r}")
+    if position.get("mode", "fit") not in ("fit", "update"):
+        _fail(path, f"checkpoint mode {position.get('mode')!r}")
+    if not (isinstance(sources, list) and all(isinstance(s, list) and len(s) == 2 and isinstance(s[0], str)
+                                              and _is_int(s[1]) for s in sources)):
+        _fail(path, f"checkpoint sources {sources!r}, expected [name, cells] pairs")
+    missing = [name for name, _ in sources if name not in est.dataset_names_]
+    if missing:
+        _fail(path, f"checkpoint of datasets {missing} that it holds no factors for (it holds {est.dataset_names_})")
+    if not (isinstance(acc, dict) and all(isinstance(acc.get(k), dict) for k in ("loss", "cells"))):
+        _fail(path, "checkpoint partial losses ('acc') are not a mapping of 'loss' and 'cells'")
+    try:
+        generator = type(est._rng.bit_generator)()
+        generator.state = position.get("plan_rng_state")
+    except (KeyError, TypeError, ValueError):
+        _fail(path, "checkpoint plan_rng_state is not a numpy bit generator state")
+
+
 def _json_attr(path, f, key, default=None):
     if key not in f.attrs:
         if default is not None:
@@ -226,7 +272,7 @@ def _load(path):
         if f.attrs.get("kind") != KIND:
             _fail(path, f"kind is {f.attrs.get('kind')!r}, expected {KIND!r}")
         version = f.attrs.get("format_version")
-        if version is None or int(version) not in READS_VERSIONS:
+        if not _is_int(version) or int(version) not in READS_VERSIONS:
             _fail(path, f"format_version {version}, this onlinemf reads {' and '.join(map(str, READS_VERSIONS))}")
         params = _json_attr(path, f, "params")
         if not isinstance(params, dict):
@@ -278,24 +324,32 @@ def _load(path):
                 if not isinstance(d, h5py.Dataset) or "name" not in d.attrs:
                     _fail(path, f"scaling/{i} is missing or unnamed")
                 scal_d.append(_dset(path, scal, str(i), (width.get(str(d.attrs["name"]), G),)))
-        # Now read.
+        names = [str(g.attrs["name"]) for g, _ in entries]
+        if len(set(names)) != len(names):
+            _fail(path, f"dataset names repeat: {names}")
+        # Now read; every factor and statistic is finite and non-negative (as the fit leaves them).
         dt = np.dtype(est.dtype)
         datasets = []
         for g, arrays in entries:
-            d = {key: arrays[key][...].astype(dt) for key in _ARRAYS + _UNSHARED_ARRAYS if key in arrays}
+            d = {key: _values(path, arrays[key]).astype(dt) for key in _ARRAYS + _UNSHARED_ARRAYS if key in arrays}
             if "unshared_names" in arrays:
                 d["unshared_names"] = np.asarray(arrays["unshared_names"].asstr()[...]).astype(str)
-            d.update(name=str(g.attrs["name"]), n_cells=int(g.attrs.get("n_cells", 0)),
-                     n_batches=int(g.attrs.get("n_batches", 0)), frozen=bool(g.attrs.get("frozen", False)))
+            d.update(name=str(g.attrs["name"]), n_cells=_count(path, g, "n_cells"),
+                     n_batches=_count(path, g, "n_batches"), frozen=bool(g.attrs.get("frozen", False)))
             datasets.append(d)
-        state = {"params": est.get_params(), "rng_state": _json_attr(path, f, "rng_state"), "W": Wd[...].astype(dt),
+        objective = _json_attr(path, f, "objective", [])
+        if not isinstance(objective, list) or not all(isinstance(x, int | float) for x in objective):
+            _fail(path, "attribute 'objective' is not a list of numbers")
+        state = {"params": est.get_params(), "rng_state": _json_attr(path, f, "rng_state"), "W": _values(path, Wd).astype(dt),
                  "var_names": None if names_d is None else np.asarray(names_d.asstr()[...]).astype(str),
-                 "n_steps": int(f.attrs.get("n_steps", 0)), "n_epochs": int(f.attrs.get("n_epochs", 0)),
-                 "objective": [float(x) for x in _json_attr(path, f, "objective", [])], "datasets": datasets}
-        scaling = {str(d.attrs["name"]): d[...] for d in scal_d}
+                 "n_steps": _count(path, f, "n_steps"), "n_epochs": _count(path, f, "n_epochs"),
+                 "objective": [float(x) for x in objective], "datasets": datasets}
+        scaling = {str(d.attrs["name"]): _values(path, d) for d in scal_d}
         info = _json_attr(path, f, "info", {})
         position = _json_attr(path, f, "checkpoint", {}) if "checkpoint" in f.attrs else None
     if position is not None:
+        if not isinstance(position, dict):
+            _fail(path, "attribute 'checkpoint' is not a mapping")
         state["mode"] = position.get("mode", "fit")
     try:
         est = OnlineINMF._from_state(state)
@@ -342,4 +396,5 @@ def read_checkpoint(path) -> tuple[OnlineINMF, dict]:
     est, _, _, position = _load(path)
     if position is None:
         _fail(path, "a model file, not a checkpoint")
+    _check_position(path, position, est)
     return est, position
