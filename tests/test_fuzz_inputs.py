@@ -63,3 +63,31 @@ def test_mutant(inputs, tmp_path, kind, target, how):
     outcome = F.run_mutant(mutants[target, how], source, work)
     assert outcome is not None and not outcome.failed, outcome
     assert outcome.status == SUBSET[kind, target, how], outcome
+
+
+MODEL_SUBSET = {
+    ("model", "W", "NaN"): "refused",
+    ("model", "datasets/0@n_cells", "bogus string"): "refused",
+    ("model", "datasets/0/B", "negative"): "refused",
+    ("model", "var_names", "duplicates"): "refused",
+    ("checkpoint", "datasets/0@name", "bogus string"): "refused",
+    ("checkpoint", "/@checkpoint", "number"): "refused",
+    ("checkpoint", "/@n_steps", "lying (larger)"): "ran",
+}
+
+
+@pytest.fixture(scope="module")
+def model_inputs(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("fuzz_models")
+    return {kind: (source, {(m.target, m.how): m for m in F.mutants(kind, source.path)})
+            for kind, source in F.make_inputs(folder / "inputs", F.MODEL_KINDS).items()}
+
+
+@pytest.mark.parametrize(("kind", "target", "how"), list(MODEL_SUBSET))
+def test_model_mutant(model_inputs, tmp_path, kind, target, how):
+    source, mutants = model_inputs[kind]
+    work = tmp_path / "work"
+    work.mkdir()
+    outcome = F.run_mutant(mutants[target, how], source, work)
+    assert outcome is not None and not outcome.failed, outcome
+    assert outcome.status == MODEL_SUBSET[kind, target, how], outcome
