@@ -1,7 +1,7 @@
 """Scenarios 1, 2 and 3 end to end: paths in, result and model files out.
 
 Composition only: readers open the data, ``preprocess`` prepares it, ``OnlineINMF`` learns, ``postprocess``
-aligns and clusters, ``_results`` writes. Progress goes to a ``Progress`` factory (tqdm bars on stderr from
+aligns and clusters, ``_results`` writes. Progress goes to a progress-bar factory (tqdm bars on stderr from
 the CLI, nothing from the library by default).
 """
 
@@ -155,7 +155,8 @@ class RunSummary:
     timings: dict[str, float] = field(default_factory=dict)
 
 
-Progress = Callable[..., Any]  # a factory of progress bars: progress(total=, desc=, unit=) -> context manager
+#: Makes progress bars: ``progress(total=, desc=, unit=)`` -> a context manager with ``update(n)``.
+ProgressFactory = Callable[..., Any]
 PathLike = str | os.PathLike
 
 
@@ -229,7 +230,7 @@ def fit(
     checkpoint_every: int = 20,
     resume: bool = False,
     cache: str | None = "auto",
-    progress: Progress = NullProgress,
+    progress: ProgressFactory = NullProgress,
     client: Any = None,
 ) -> RunSummary:
     """Scenario 1: learn W, V_i from fixed datasets streamed from disk; write results and model.
@@ -331,7 +332,7 @@ def update(
     reading: InputOptions | None = None,
     outputs: OutputOptions | None = None,
     cache: str | None = "auto",
-    progress: Progress = NullProgress,
+    progress: ProgressFactory = NullProgress,
     client: Any = None,
 ) -> RunSummary:
     """Scenario 2: learn from new datasets with a saved model, without reading the old data.
@@ -401,7 +402,7 @@ def project(
     threads: int | None = None,
     reading: InputOptions | None = None,
     outputs: OutputOptions | None = None,
-    progress: Progress = NullProgress,
+    progress: ProgressFactory = NullProgress,
     client: Any = None,
 ) -> RunSummary:
     """Scenario 3: H of new cells on the learned W (V = 0); the model is not changed.
