@@ -33,7 +33,7 @@ def _exact_knn(X: np.ndarray, k: int) -> np.ndarray:
     try:
         import faiss
     except ImportError:
-        faiss = None
+        faiss = None  # type: ignore[assignment]  # optional backend
     if faiss is None or n > FAISS_EXACT_MAX_ROWS:
         _, idx = cKDTree(X).query(X, k=k)
         return idx.reshape(n, k)
