@@ -600,7 +600,7 @@ def _postprocess_and_write(table, H_blocks, est, genes, outputs: OutputOptions, 
         "timings": {k: float(v) for k, v in timings.items()},
         "datasets": np.asarray(list(summary.datasets)),
         "scenario": summary.scenario,
-        **_unshared_uns(est),
+        **unshared_uns(est),
     }
     W = np.zeros((len(table.var_names), est.W_.shape[0]), dtype=np.float32)
     pos = table.gene_positions(genes)
@@ -668,7 +668,7 @@ def _checkpoint_unshared(path) -> dict[str, np.ndarray]:
     return {name: np.asarray(est.unshared_names_[name]) for name in est.U_}
 
 
-def _unshared_uns(est) -> dict:
+def unshared_uns(est: OnlineINMF) -> dict:
     """``uns['inmf']['unshared']``: per dataset with unshared features (UINMF), its name, their names and U_i
     as (u_i, K), features x factors like ``varm`` W. Empty when no dataset has any."""
     entries = {}

@@ -10,7 +10,7 @@ import pandas as pd
 from . import _keys
 from ._errors import InputError
 from .engine import OnlineINMF
-from .pipelines import OutputOptions, _unshared_uns, align_cluster_embed
+from .pipelines import OutputOptions, align_cluster_embed, unshared_uns
 from .preprocess import prepare
 from .readers import MemorySource
 
@@ -210,7 +210,7 @@ def integrate(
         "objective": float(objective),
         "objective_per_epoch": np.asarray(getattr(est, "objective_", []), dtype=float),
         "timings": timings,
-        **_unshared_uns(est),
+        **unshared_uns(est),
     }
     if copy and return_model:
         return adata, est
