@@ -98,14 +98,14 @@ def decode(files: list[Path], repeat: int) -> None:
             parts = [f["X"][k] for k in ("data", "indices")]
             times: dict[str, list[float]] = {"h5py": [], "1": [], "2": []}
             for _ in range(repeat):
-                for label in times:
+                for label, spent in times.items():
                     t = time.perf_counter()
                     for ds in parts:
                         if label == "h5py":
                             ds[:]
                         else:
                             read_range(ds, 0, ds.shape[0], threads=int(label))
-                    times[label].append(time.perf_counter() - t)
+                    spent.append(time.perf_counter() - t)
             mb = sum(ds.size * ds.dtype.itemsize for ds in parts) / 1e6
             med = {k: statistics.median(v) for k, v in times.items()}
             print(f"{path.name:36s} {parts[0].compression or 'none':>8s} {mb:6.0f} {med['h5py']:7.3f} {med['1']:7.3f} "

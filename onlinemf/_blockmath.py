@@ -10,6 +10,8 @@ caller decides the blocking, so results do not depend on thread counts.
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import scipy.sparse as sp
 
@@ -134,7 +136,7 @@ def row_pieces(indptr: np.ndarray, n_pieces: int) -> list[tuple[int, int]]:
     n = len(indptr) - 1
     targets = np.linspace(indptr[0], indptr[-1], n_pieces + 1)[1:-1]
     cuts = np.unique(np.concatenate(([0], np.searchsorted(indptr, targets), [n])))
-    return [(int(a), int(b)) for a, b in zip(cuts[:-1], cuts[1:], strict=True) if b > a] or [(0, n)]
+    return [(int(a), int(b)) for a, b in itertools.pairwise(cuts) if b > a] or [(0, n)]
 
 
 def rows_of(X: sp.csr_matrix, r0: int, r1: int) -> sp.csr_matrix:

@@ -24,16 +24,16 @@ from scipy.special import ndtri
 from ._blockmath import block_statistics
 from ._errors import InputError
 from ._prefetch import prefetch
-from ._validation import check_distinct_names
 from ._prepared import (
     PreparedSource,
-    _DiskCache,
     Progress,
     _check_block_size,
+    _DiskCache,
     _row_scale,
     check_cache_mode,
 )
 from ._source import Source, check_values
+from ._validation import check_distinct_names
 from .readers._decode import source_is_compressed
 from .readers._h5ad import iter_split_blocks, split_groups
 

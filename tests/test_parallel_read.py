@@ -5,8 +5,7 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
-from onlinemf.readers import H5adSource, TenxH5Source
-from onlinemf.readers import _decode
+from onlinemf.readers import H5adSource, TenxH5Source, _decode
 from onlinemf.readers._decode import decode_pipeline, read_range, set_read_threads
 
 FILTERS = {
@@ -191,8 +190,8 @@ def test_prefetch_raises_where_the_producer_failed():
 
     seen = []
     with pytest.raises(OSError, match="damaged block"):
-        for item in prefetch(produce()):
-            seen.append(item)
+        for item in prefetch(produce()):  # the items before the failure are the point
+            seen.append(item)  # noqa: PERF402
     assert seen == [1, 2]
 
 
@@ -205,8 +204,7 @@ def test_prefetch_stops_the_producer_when_abandoned():
 
     def produce():
         try:
-            for i in range(10**6):
-                yield i
+            yield from range(10**6)
         finally:
             closed.set()
 
@@ -268,8 +266,8 @@ def test_compressed_sources_are_decoded_once(tmp_path, rng, cache, monkeypatch):
     path = tmp_path / "x.h5ad"
     write_h5ad(path, X, "csr", "gzip", chunk=101)
     with h5py.File(path, "a") as f:  # two interleaved batches: splits of one file
-        from anndata.io import write_elem
         import pandas as pd
+        from anndata.io import write_elem
 
         del f["obs"]
         write_elem(f, "obs", pd.DataFrame({"batch": pd.Categorical(np.where(np.arange(400) % 3, "a", "b"))},
