@@ -27,7 +27,7 @@ from ._results import ResultsTable, write_results
 from .engine import OnlineINMF
 from .model_io import Checkpoint, load_model, read_checkpoint, save_model
 from .preprocess import prepare
-from .readers import H5adSource, open_sources
+from .readers import H5adSource, open_sources, set_read_threads
 
 logger = logging.getLogger(__name__)
 
@@ -290,7 +290,7 @@ def fit(
         logger.info("no checkpoint at %s yet: starting from the beginning", checkpoint)
     t0 = time.perf_counter()
     timings: dict[str, float] = {}
-    with threadpool_limits(limits=params.threads):
+    with threadpool_limits(limits=params.threads), set_read_threads(params.threads):
         select = {"thresh": selection.var_thresh, "alpha": selection.alpha, "n_genes": selection.n_genes,
                   "combine": selection.combine, "unshared_thresh": selection.unshared_thresh,
                   "unshared": list(selection.unshared) if unshared_genes is None else unshared_genes}
@@ -376,7 +376,7 @@ def update(
             raise InputError(msg)
 
     timings: dict[str, float] = {}
-    with threadpool_limits(limits=threads), _prepared_inputs(
+    with threadpool_limits(limits=threads), set_read_threads(threads), _prepared_inputs(
         inputs, reading, outputs, progress, genes=np.asarray(est.var_names_in_),
         cache=cache if client is None else None, check=check
     ) as (sources, prepared):
@@ -431,7 +431,7 @@ def project(
     _check_plots(outputs)
     t0 = time.perf_counter()
     est = load_model(model).estimator.set_params(n_threads=threads)
-    with threadpool_limits(limits=threads), _prepared_inputs(
+    with threadpool_limits(limits=threads), set_read_threads(threads), _prepared_inputs(
         inputs, reading, outputs, progress, genes=np.asarray(est.var_names_in_)
     ) as (sources, prepared):
         summary = _finish("project", est, inputs, sources, prepared, reading, outputs, progress, output=output,

@@ -1,6 +1,7 @@
 """Readers: stream cells x genes row blocks from .h5ad, 10x .h5 and in-memory data."""
 
 from .._source import MemorySource, Source, check_values
+from ._decode import set_read_threads
 from ._h5 import open_h5
 from ._h5ad import H5adSource, iter_split_blocks, split_groups
 from ._open import (
@@ -37,6 +38,7 @@ __all__ = [
     "open_sources",
     "open_zarr_sources",
     "read_obs",
+    "set_read_threads",
     "shared_genes",
     "split_groups",
     "zarr_batch_rows",
