@@ -15,7 +15,7 @@ click's ``CliRunner``. For every mutant the fuzzer checks that:
 
 Count files are fitted (``fit``); a mutated model is given to ``update``, a mutated checkpoint to
 ``fit --resume``. Run ``python tests/fuzz_inputs.py --all`` for the whole set (each kind in worker processes,
-so that a crash is counted rather than fatal; about 15 minutes on 2 cores; prints the count of mutants and
+so that a crash is counted rather than fatal; 3 to 12 minutes on 2 busy cores; prints the count of mutants and
 outcomes per kind, as quoted in docs/errors.md); ``tests/test_fuzz_inputs.py`` runs a fixed fast subset.
 """
 
