@@ -7,7 +7,7 @@ out-of-range values, duplicated names or a lying shape), and ``onlinemf`` is run
 click's ``CliRunner``. For every mutant the fuzzer checks that:
 
 * the run either succeeds correctly (exit 0, finite H for every cell) or is refused cleanly (exit status 1 or
-  2, at most 3 lines on stderr, no traceback); for count files ``onlinemf info`` on the mutant must too;
+  2, at most 3 lines on stderr, no traceback); so must ``onlinemf info`` on the mutant;
 * the input file is byte-for-byte unchanged (SHA-256 before and after; a checkpoint may be consumed by a
   successful resumed run);
 * a count matrix that an independent check (:func:`matrix_problem`, scipy's full CSR/CSC check and the
@@ -424,11 +424,11 @@ def run_mutant(mutant: Mutant, source: Input, work: Path) -> Outcome | None:
         return None
     problem = matrix_problem(path, mutant.kind, source.element) if source.element else None
     try:
-        if source.element is not None:  # `onlinemf info` too: a summary (it reads no matrix) or a clean refusal
-            described = judge(mutant.label, ["info", path], path, None, None, work / "res.h5ad")
-            if described.failed:
-                described.status += " (info)"
-                return described
+        # `onlinemf info` too: a summary (it reads no matrix, so an invalid one may be described) or a clean refusal
+        described = judge(mutant.label, ["info", path], path, None, None, work / "res.h5ad")
+        if described.failed:
+            described.status += " (info)"
+            return described
         cells = source.cells if source.element is None else (None if problem else _cells(path, mutant.kind, source.element))
         return judge(mutant.label, source.args(path, work), path, cells, problem, work / "res.h5ad", consumed=source.consumed)
     finally:
