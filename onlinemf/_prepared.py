@@ -22,9 +22,9 @@ from ._blockmath import prepare_block, prepare_parts, stack_parts
 from ._errors import InputError
 from ._prefetch import prefetch
 from ._rowrange import CsrRowRange
-from ._source import Source, _check_range, csr_ranges, csr_rows
+from ._source import Source, check_range, csr_ranges, csr_rows
+from .readers import iter_split_blocks, split_groups
 from .readers._decode import read_threads, thread_pool
-from .readers._h5ad import iter_split_blocks, split_groups
 
 logger = logging.getLogger("onlinemf.preprocess")
 
@@ -44,7 +44,7 @@ def _row_sums(X: sp.csr_matrix) -> np.ndarray:
     return _sum_by(rows, X.data.astype(np.float64), X.shape[0])
 
 
-def _row_scale(X: sp.csr_matrix) -> tuple[np.ndarray, np.ndarray]:
+def row_scale(X: sp.csr_matrix) -> tuple[np.ndarray, np.ndarray]:
     """Library size per row and, per stored value, the factor 1/libsize of its row (float64)."""
     lib = _row_sums(X)
     inv = np.zeros_like(lib)
@@ -58,7 +58,7 @@ def check_cache_mode(cache) -> None:
         raise InputError(msg)
 
 
-def _check_block_size(block_size) -> None:
+def check_block_size(block_size) -> None:
     if isinstance(block_size, bool) or not isinstance(block_size, int | np.integer) or block_size < 1:
         msg = f"block_size: expected a positive integer, found {block_size!r}"
         raise InputError(msg)
@@ -120,7 +120,7 @@ def _read_exactly(path: str, dtype, offset: int, count: int) -> np.ndarray:
     return out
 
 
-class _DiskCache:
+class DiskCache:
     """Prepared rows as raw binary files (float32 values, int32 columns, int64 row pointers) in a
     temporary folder, deleted on close.
 
@@ -155,7 +155,7 @@ class _DiskCache:
             fh.close()
         self._files = {}
 
-    def finish(self) -> _DiskCache:
+    def finish(self) -> DiskCache:
         self._close_files()
         # 8 bytes per cell, mapped: only the windows that reads touch are paged in
         self._indptr = np.memmap(self._paths["indptr"], dtype=np.int64, mode="r")
@@ -202,7 +202,7 @@ class PreparedSource(Source):
     """
 
     def __init__(self, source: Source, gene_index, scale, *, cache: str | None = None, tmpdir=None,
-                 block_size: int = 20000, lib_size=None, raw_copy: _DiskCache | None = None):
+                 block_size: int = 20000, lib_size=None, raw_copy: DiskCache | None = None):
         gene_index = np.asarray(gene_index, dtype=np.int64).ravel()
         scale = np.asarray(scale, dtype=np.float64).ravel()
         if gene_index.size != scale.size:
@@ -216,7 +216,7 @@ class PreparedSource(Source):
             msg = f"{source.name}: expected finite non-negative scale factors, found NaN, inf or negatives"
             raise InputError(msg)
         check_cache_mode(cache)
-        _check_block_size(block_size)
+        check_block_size(block_size)
         self._raw = source
         self.name = source.name
         self.gene_index, self.scale = gene_index, scale
@@ -235,7 +235,7 @@ class PreparedSource(Source):
         self._col_map = np.full(source.n_genes, -1, dtype=map_dtype)
         self._col_map[gene_index] = np.arange(gene_index.size)
         self._divisor = np.where(scale > 0, scale, np.inf)
-        self._cache: _MemoryCache | _DiskCache | None = None
+        self._cache: _MemoryCache | DiskCache | None = None
         self._lock = threading.Lock()
 
     @property
@@ -285,13 +285,13 @@ class PreparedSource(Source):
                                  threads, thread_pool(threads).map)
         return [_prepare_block(raw, self._col_map, self._divisor, self.gene_index.size, lib)]
 
-    def _new_cache(self) -> _MemoryCache | _DiskCache:
+    def _new_cache(self) -> _MemoryCache | DiskCache:
         if self.cache_mode == "memory":
             return _MemoryCache(self.gene_index.size)
-        return _DiskCache(self.gene_index.size, self.name, self._tmpdir)
+        return DiskCache(self.gene_index.size, self.name, self._tmpdir)
 
     def read_block(self, start: int, stop: int) -> sp.csr_matrix:
-        _check_range(self, start, stop)
+        check_range(self, start, stop)
         if self.cache_mode is None:
             return self._compute(start, stop)
         if self._cache is None:
@@ -305,7 +305,7 @@ class PreparedSource(Source):
         if not isinstance(self._cache, _MemoryCache):
             return None
         for a, b in ranges:
-            _check_range(self, a, b)
+            check_range(self, a, b)
         return self._cache
 
     def read_ranges(self, ranges) -> sp.csr_matrix:
@@ -350,7 +350,7 @@ class PreparedSource(Source):
 
     def iter_blocks(self, block_size: int):
         """Yield ``(start, stop, block)`` over all cells; the first complete pass fills the cache."""
-        _check_block_size(block_size)
+        check_block_size(block_size)
         if self.cache_mode is None or self._cache is not None:
             yield from super().iter_blocks(block_size)
             return

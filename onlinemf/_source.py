@@ -87,7 +87,7 @@ class Source(abc.ABC):
         return f"{type(self).__name__}(name={self.name!r}, n_cells={self.n_cells}, n_genes={self.n_genes})"
 
 
-def _check_range(source: Source, start: int, stop: int) -> None:
+def check_range(source: Source, start: int, stop: int) -> None:
     if not (0 <= start <= stop <= source.n_cells):
         msg = f"{source.name}: block {start}:{stop} is outside 0:{source.n_cells}"
         raise IndexError(msg)
@@ -124,17 +124,17 @@ class MemorySource(Source):
         return self._obs
 
     def read_block(self, start: int, stop: int) -> sp.csr_matrix:
-        _check_range(self, start, stop)
+        check_range(self, start, stop)
         return csr_rows(self._X, start, stop)
 
     def read_ranges(self, ranges) -> sp.csr_matrix:
         for a, b in ranges:
-            _check_range(self, a, b)
+            check_range(self, a, b)
         return csr_ranges(self._X, ranges)
 
     def read_pieces(self, ranges) -> list[CsrRowRange]:
         for a, b in ranges:
-            _check_range(self, a, b)
+            check_range(self, a, b)
         return [CsrRowRange(self._X, int(a), int(b)) for a, b in ranges]
 
 

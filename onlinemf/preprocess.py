@@ -25,17 +25,16 @@ from ._blockmath import block_statistics
 from ._errors import InputError
 from ._prefetch import prefetch
 from ._prepared import (
+    DiskCache,
     PreparedSource,
     Progress,
-    _check_block_size,
-    _DiskCache,
-    _row_scale,
+    check_block_size,
     check_cache_mode,
+    row_scale,
 )
 from ._source import Source, check_values
 from ._validation import check_distinct_names
-from .readers._decode import source_is_compressed
-from .readers._h5ad import iter_split_blocks, split_groups
+from .readers import iter_split_blocks, source_is_compressed, split_groups
 
 logger = logging.getLogger(__name__)
 
@@ -64,7 +63,7 @@ def normalize_rows(X) -> sp.csr_matrix:
     csr_matrix of shape (n_cells, n_genes), float64
     """
     X = sp.csr_matrix(X)
-    _, inv = _row_scale(X)
+    _, inv = row_scale(X)
     out = sp.csr_matrix((X.data * inv, X.indices.copy(), X.indptr.copy()), shape=X.shape)
     out.eliminate_zeros()
     return out
@@ -192,7 +191,7 @@ def compute_stats(source: Source, *, block_size: int = 20000, progress: Progress
 def compute_stats_all(sources: Sequence[Source], *, block_size: int = 20000,
                       progress: Progress = None) -> list[DatasetStats]:
     """:func:`compute_stats` of every source; batch splits of one file share one pass over it."""
-    _check_block_size(block_size)
+    check_block_size(block_size)
     return _stats_pass(sources, block_size, progress, [None] * len(sources))
 
 
@@ -220,7 +219,7 @@ def _raw_copies(sources: Sequence[Source], cache: str | None, tmpdir) -> list:
     """
     if cache is None:
         return [None] * len(sources)
-    return [_DiskCache(src.n_genes, f"{src.name} (raw)", tmpdir) if source_is_compressed(src) else None
+    return [DiskCache(src.n_genes, f"{src.name} (raw)", tmpdir) if source_is_compressed(src) else None
             for src in sources]
 
 
@@ -509,7 +508,7 @@ def prepare(sources: Sequence[Source], *, genes=None, thresh: float = 0.1, alpha
         if unknown:
             msg = f"unshared: expected dataset names among {[s.name for s in sources]}, found {unknown}"
             raise InputError(msg)
-    _check_block_size(block_size)
+    check_block_size(block_size)
     for src in sources:
         if src.n_cells == 0:
             msg = f"{src.name}: expected at least one cell, found an empty dataset (0 cells)"

@@ -1,7 +1,7 @@
 """Readers: stream cells x genes row blocks from .h5ad, 10x .h5 and in-memory data."""
 
 from .._source import MemorySource, Source, check_values
-from ._decode import set_read_threads
+from ._decode import set_read_threads, source_is_compressed
 from ._h5 import open_h5
 from ._h5ad import H5adSource, iter_split_blocks, split_groups
 from ._open import (
@@ -40,6 +40,7 @@ __all__ = [
     "read_obs",
     "set_read_threads",
     "shared_genes",
+    "source_is_compressed",
     "split_groups",
     "zarr_batch_rows",
 ]

@@ -10,7 +10,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from .._errors import InputError
-from .._source import Source, _check_range, check_indices, check_values
+from .._source import Source, check_indices, check_range, check_values
 from ._checks import check_compressed, read_shape
 from ._csc import ConvertedCsc
 from ._h5 import detect_format, duplicates, index_length, open_h5, read_index
@@ -216,7 +216,7 @@ class H5adSource(Source):
         return self._rows
 
     def read_block(self, start: int, stop: int) -> sp.csr_matrix:
-        _check_range(self, start, stop)
+        check_range(self, start, stop)
         try:
             block = read_rows(self._reader, self._rows, start, stop)
         except OSError as exc:

@@ -10,7 +10,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from .._errors import InputError
-from .._source import Source, _check_range, check_indices, check_values
+from .._source import Source, check_indices, check_range, check_values
 from ._checks import (
     check_compressed,
     expect_length,
@@ -173,7 +173,7 @@ class TenxH5Source(Source):
         return self._obs
 
     def read_block(self, start: int, stop: int) -> sp.csr_matrix:
-        _check_range(self, start, stop)
+        check_range(self, start, stop)
         try:
             block = read_rows(self._reader, None, start, stop)
         except OSError as exc:

@@ -16,7 +16,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from .._errors import InputError
-from .._source import Source, _check_range, check_indices, check_values
+from .._source import Source, check_indices, check_range, check_values
 from ._h5 import duplicates
 from ._h5ad import check_numeric, check_rows
 from ._rows import CsrRows, DenseRows, read_rows
@@ -147,7 +147,7 @@ class ZarrSource(Source):
         return self._rows
 
     def read_block(self, start: int, stop: int) -> sp.csr_matrix:
-        _check_range(self, start, stop)
+        check_range(self, start, stop)
         try:
             block = read_rows(self._reader, self._rows, start, stop)
         except OSError as exc:
