@@ -31,7 +31,7 @@ class _InputPath(click.Path):
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
         path = super().convert(value, param, ctx)  # a Path (path_type=Path)
         if isinstance(path, Path) and path.is_dir():
-            from onlinemf.readers._zarr import is_zarr_store
+            from onlinemf.readers import is_zarr_store
 
             if not is_zarr_store(path):
                 self.fail(f"{str(value)!r} is a directory (and not a zarr store).", param, ctx)
@@ -226,13 +226,14 @@ def _dataset_list(value: str | None) -> tuple[str, ...]:
 @click.option("--checkpoint", type=OUT_FILE, default=None, help="Save the fit state here every few mini-batches.")
 @click.option("--checkpoint-every", default=20, type=click.IntRange(min=1), help="Mini-batches between checkpoints.")
 @click.option("--resume", is_flag=True, help="Continue from --checkpoint if it exists.")
+@click.option("--label-key", default=None, help="obs column of cell labels, recorded in the model as the default label column of 'project --reference' (the model always keeps the reference quantiles).")
 @_scheduler_option
 @_user_errors
 def fit(inputs: tuple[Path, ...], k: int, lam: float, epochs: int, batch_size: int, seed: int, n_genes: int | None,
         var_thresh: float, combine: str, unshared: str | None, unshared_thresh: float, batch_key: str | None, layer: str | None, use_raw: bool, genome: str | None,
         threads: int, quiet: bool, verbose: int, output: Path | None, model: Path | None, cluster: bool, umap: bool,
         resolution: float, plots: Path | None, copy_x: bool, checkpoint: Path | None, checkpoint_every: int,
-        resume: bool, scheduler: str | None) -> None:
+        resume: bool, scheduler: str | None, label_key: str | None) -> None:
     """Scenario 1: integrate datasets (several INPUTS, or one .h5ad split by --batch-key)."""
     from onlinemf import pipelines
     from onlinemf._dask import scheduler_client
@@ -253,6 +254,7 @@ def fit(inputs: tuple[Path, ...], k: int, lam: float, epochs: int, batch_size: i
             outputs=pipelines.OutputOptions(cluster=cluster, umap=umap, resolution=resolution, seed=seed, plots=plots,
                                             copy_x=copy_x),
             checkpoint=checkpoint, checkpoint_every=checkpoint_every, resume=resume, progress=_progress(quiet),
+            label_key=label_key,
         )
     _summary(summary, quiet)
 
@@ -295,14 +297,17 @@ def update(model: Path, inputs: tuple[Path, ...], epochs: int, batch_key: str | 
 @click.argument("inputs", nargs=-1, required=True, type=IN_FILES)
 @_input_options
 @click.option("-o", "--output", type=OUT_FILE, default=None, help="Results .h5ad. Default: INPUT_projected.h5ad in the current folder.")
+@click.option("--reference", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Map the cells onto this reference: the results .h5ad of the fit that wrote MODEL (only read). Adds obs inmf_label, inmf_label_confidence, inmf_mapping_distance.")
+@click.option("--label-key", default=None, help="obs column of the reference's labels. Default: the one 'fit --label-key' recorded in MODEL.")
 @_output_options
 @_postprocess_seed
 @_scheduler_option
 @_user_errors
 def project(model: Path, inputs: tuple[Path, ...], batch_key: str | None, layer: str | None, use_raw: bool,
             genome: str | None, threads: int, quiet: bool, verbose: int, output: Path | None, cluster: bool, umap: bool,
-            resolution: float, plots: Path | None, copy_x: bool, seed: int | None, scheduler: str | None) -> None:
-    """Scenario 3: project new cells onto a saved MODEL's shared factors (the model is unchanged)."""
+            resolution: float, plots: Path | None, copy_x: bool, seed: int | None, scheduler: str | None,
+            reference: Path | None, label_key: str | None) -> None:
+    """Scenario 3: project new cells onto a saved MODEL's shared factors (the model is unchanged); --reference labels them."""
     from onlinemf import pipelines
     from onlinemf._dask import scheduler_client
 
@@ -315,6 +320,7 @@ def project(model: Path, inputs: tuple[Path, ...], batch_key: str | None, layer:
             outputs=pipelines.OutputOptions(cluster=cluster, umap=umap, resolution=resolution, seed=seed, plots=plots,
                                             copy_x=copy_x),
             progress=_progress(quiet),
+            reference=reference, label_key=label_key,
         )
     _summary(summary, quiet)
 

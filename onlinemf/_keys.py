@@ -43,3 +43,7 @@ OBS_CLUSTER = _DEFAULT.obs_cluster
 OBS_DATASET = "inmf_dataset"  # results file: dataset each cell was factorised in (the batch)
 VARM_W = _DEFAULT.varm_w  # W^T, genes x K, zeros for genes not selected
 VAR_SELECTED = _DEFAULT.var_selected
+# project --reference (reference mapping, onlinemf.mapping)
+OBS_LABEL = "inmf_label"  # label voted by the nearest reference cells
+OBS_LABEL_CONFIDENCE = "inmf_label_confidence"  # share of those neighbours carrying it
+OBS_MAPPING_DISTANCE = "inmf_mapping_distance"  # distance to them, in units of the reference's own

@@ -19,8 +19,7 @@ import pandas as pd
 from . import _keys
 from ._errors import InputError
 from ._files import atomic_output
-from .readers import read_obs
-from .readers._zarr import is_zarr_store, zarr_n_obs
+from .readers import is_zarr_store, read_obs, zarr_n_obs
 
 logger = logging.getLogger(__name__)
 
@@ -163,7 +162,8 @@ def _input_obs(path: Path, sources) -> pd.DataFrame:
     return obs
 
 
-def write_results(path, table: ResultsTable, *, H, H_norm=None, clusters=None, umap=None, W, selected, uns, copy_x=False):
+def write_results(path, table: ResultsTable, *, H, H_norm=None, clusters=None, umap=None, W, selected, uns, copy_x=False,
+                  obs_columns=None):
     """Write the results ``.h5ad`` atomically (temporary name, then rename).
 
     Parameters
@@ -173,6 +173,8 @@ def write_results(path, table: ResultsTable, *, H, H_norm=None, clusters=None, u
     umap : ndarray of shape (n_cells, 2) or None
     W : ndarray of shape (n_genes, K), zeros for genes not selected
     selected : bool ndarray of shape (n_genes,)
+    obs_columns : dict of name -> array of shape (n_cells,), optional
+        More obs columns (``project --reference``: label, confidence, mapping distance).
     """
     if copy_x and table.single_h5ad is None:
         msg = "--copy-x: counts can be copied only from a single .h5ad input; found several inputs or a 10x file"
@@ -183,6 +185,8 @@ def write_results(path, table: ResultsTable, *, H, H_norm=None, clusters=None, u
     if clusters is not None:
         labels = np.asarray(clusters).astype(str)
         obs[_keys.OBS_CLUSTER] = pd.Categorical(labels, categories=sorted(set(labels), key=_natural))
+    for name, values in (obs_columns or {}).items():
+        obs[name] = values
     import anndata as ad  # here, not at import: 0.5 s that runs without outputs (and --help) need not pay
 
     with warnings.catch_warnings():  # non-unique cell names: already said by read_obs, in one line

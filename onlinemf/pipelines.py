@@ -23,6 +23,7 @@ from ._errors import InputError
 from ._files import atomic_output, check_output_path, remove_stale_temporaries
 from ._prepared import build_caches
 from ._progress import NullProgress
+from ._reference import ReferenceCells, input_labels, read_reference
 from ._results import ResultsTable, write_results
 from .engine import OnlineINMF
 from .model_io import Checkpoint, load_model, read_checkpoint, save_model
@@ -199,13 +200,19 @@ def _prepared_inputs(inputs, reading: InputOptions, outputs: OutputOptions, prog
 
 
 def _finish(scenario, est, inputs, sources, prepared, reading: InputOptions, outputs: OutputOptions, progress, *,
-            output, model, model_kwargs, timings, params: dict, project=False, client=None) -> RunSummary:
+            output, model, model_kwargs, timings, params: dict, project=False, client=None,
+            reference_labels=None, mapping=None) -> RunSummary:
     """Final H (with the objective), then model and results: the model is renamed into place only after the
-    results are written, so a run leaves all its outputs or none."""
+    results are written, so a run leaves all its outputs or none.
+
+    ``reference_labels`` (fit): ``(label_key or None, labels)``, kept in the model with the reference quantiles.
+    ``mapping`` (project with a reference): ``(ReferenceQuantiles, ReferenceCells)``."""
     H, objective, timings["final_h_s"] = _final_h(est, prepared.sources, progress, project=project, client=client)
     summary = RunSummary(scenario, sum(s.n_cells for s in sources), {s.name: s.n_cells for s in sources},
                          len(prepared.genes), 0.0, objective, timings=timings)
     outputs = _with_seed(outputs, est)
+    if reference_labels is not None and model is not None:
+        model_kwargs = {**model_kwargs, "mapping": _mapping_record(H, prepared.sources, outputs.seed, *reference_labels)}
     with _pending(model) as model_tmp:
         if model is not None:
             save_model(model_tmp, est, **model_kwargs)
@@ -213,8 +220,20 @@ def _finish(scenario, est, inputs, sources, prepared, reading: InputOptions, out
         if output is not None or outputs.plots is not None:
             table = ResultsTable.from_sources(inputs, sources, reading.batch_key)
             _postprocess_and_write(table, H, est, prepared.genes, outputs, output, summary,
-                                   params={**params, **_option_params(outputs)})
+                                   params={**params, **_option_params(outputs)}, mapping=mapping)
     return summary
+
+
+def _mapping_record(H_blocks, sources, seed, label_key, labels):
+    """What the model keeps for ``project(reference=)``: the quantiles of the largest dataset (quantile_norm's
+    reference) per cluster and factor, and the label column named at fit."""
+    from .mapping import MappingRecord, reference_quantiles
+
+    sizes = [s.n_cells for s in sources]
+    ref = int(np.argmax(sizes))
+    names = np.full(sizes[ref], sources[ref].name, dtype=object)
+    return MappingRecord(reference_quantiles(H_blocks[ref], names, random_state=seed), label_key=label_key,
+                         labels=tuple(labels))
 
 
 def fit(
@@ -232,6 +251,7 @@ def fit(
     cache: str | None = "auto",
     progress: ProgressFactory = NullProgress,
     client: Any = None,
+    label_key: str | None = None,
 ) -> RunSummary:
     """Scenario 1: learn W, V_i from fixed datasets streamed from disk; write results and model.
 
@@ -266,6 +286,9 @@ def fit(
         paths for them); the model and H equal the local ones. Preprocessing runs here, with no prepared-data
         cache (the workers read the files); the mini-batch steps and the final H pass run on the cluster.
 
+    label_key : str or None
+        obs column of cell labels, checked before any work and recorded in the model (which always keeps the
+        reference quantiles) as the default label column of ``project(..., reference=)``.
     Returns
     -------
     RunSummary
@@ -277,6 +300,7 @@ def fit(
     inputs = [Path(p) for p in inputs]
     _check_outputs(inputs, {"output": output, "model output": model, "checkpoint": checkpoint})
     _check_plots(outputs)
+    labels = input_labels(inputs, label_key) if label_key is not None else ()
     if resume and checkpoint is None:
         msg = "resume: expected a checkpoint path to continue from, found none (--checkpoint PATH)"
         raise InputError(msg)
@@ -313,7 +337,8 @@ def fit(
             summary = _finish("fit", est, inputs, sources, prepared, reading, outputs, progress, output=output,
                               model=model, timings=timings, client=client,
                               model_kwargs={"scaling": prepared.scales, "info": _model_info(selection, reading, inputs)},
-                              params={**_estimator_params(est), **_option_params(params, reading, selection)})
+                              params={**_estimator_params(est), **_option_params(params, reading, selection)},
+                              reference_labels=(label_key, labels))
     if checkpoint is not None and Path(checkpoint).exists():
         # A finished run needs no checkpoint: the model file holds the result.
         Path(checkpoint).unlink()
@@ -404,8 +429,15 @@ def project(
     outputs: OutputOptions | None = None,
     progress: ProgressFactory = NullProgress,
     client: Any = None,
+    reference: PathLike | None = None,
+    label_key: str | None = None,
 ) -> RunSummary:
     """Scenario 3: H of new cells on the learned W (V = 0); the model is not changed.
+
+    With ``reference`` (the results ``.h5ad`` the model's fit wrote), the cells are also mapped onto it:
+    ``obsm['X_inmf_norm']`` is H aligned with the model's reference quantiles, and ``obs['inmf_label']``,
+    ``['inmf_label_confidence']`` and ``['inmf_mapping_distance']`` come from a 20-neighbour vote among the
+    reference's labelled cells (:mod:`onlinemf.mapping`). The reference file is only read.
 
     Parameters
     ----------
@@ -420,6 +452,10 @@ def project(
     reading, outputs, progress, client
         As for :func:`fit`; the seed of ``outputs`` defaults to the model's.
 
+    reference : path or None
+        Results ``.h5ad`` of the fit that wrote ``model``, with labelled cells.
+    label_key : str or None
+        obs column of the reference's labels; default the one ``fit(label_key=)`` recorded in the model.
     Returns
     -------
     RunSummary
@@ -427,18 +463,41 @@ def project(
     reading = reading or InputOptions()
     outputs = outputs or OutputOptions()
     inputs = [Path(p) for p in inputs]
-    _check_outputs([*inputs, Path(model)], {"output": output})
+    _check_outputs([*inputs, Path(model), *([Path(reference)] if reference is not None else [])], {"output": output})
     _check_plots(outputs)
     t0 = time.perf_counter()
-    est = load_model(model).estimator.set_params(n_threads=threads)
+    saved = load_model(model)
+    est = saved.estimator.set_params(n_threads=threads)
+    mapping = _mapping_inputs(saved, model, reference, label_key)  # every check before any work
     with threadpool_limits(limits=threads), set_read_threads(threads), _prepared_inputs(
         inputs, reading, outputs, progress, genes=np.asarray(est.var_names_in_)
     ) as (sources, prepared):
         summary = _finish("project", est, inputs, sources, prepared, reading, outputs, progress, output=output,
                           model=None, model_kwargs={}, timings={}, project=True, client=client,
-                          params={**_estimator_params(est), "threads": threads, **_option_params(reading)})
+                          params={**_estimator_params(est), "threads": threads, **_option_params(reading)},
+                          mapping=mapping)
     summary.seconds = time.perf_counter() - t0
     return summary
+
+
+def _mapping_inputs(saved, model, reference, label_key):
+    """``(reference quantiles, reference cells)`` for ``project(reference=)``, or None; every bad input said here."""
+    if reference is None:
+        if label_key is not None:
+            msg = f"--label-key {label_key}: labels come from a reference; give --reference RESULTS.h5ad too"
+            raise InputError(msg)
+        return None
+    if saved.mapping is None:
+        msg = (f"--reference: model {model} has no reference quantiles (written by onlinemf update, whose W no longer "
+               "matches its reference, or before reference mapping existed); re-run onlinemf fit on the reference")
+        raise InputError(msg)
+    key = label_key if label_key is not None else saved.mapping.label_key
+    if key is None:
+        msg = f"--reference {reference}: expected --label-key COLUMN (model {model} records none: fit ran without --label-key)"
+        raise InputError(msg)
+    est = saved.estimator
+    cells = read_reference(reference, label_key=key, W=est.W_, genes=np.asarray(est.var_names_in_))
+    return saved.mapping.quantiles, cells
 
 
 def _check_plots(outputs: OutputOptions) -> None:
@@ -552,7 +611,7 @@ def _with_seed(outputs: OutputOptions, est) -> OutputOptions:
 
 
 def align_cluster_embed(
-    H: np.ndarray, datasets: np.ndarray, outputs: OutputOptions, timings: dict[str, float]
+    H: np.ndarray, datasets: np.ndarray, outputs: OutputOptions, timings: dict[str, float], *, reference=None
 ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
     """Quantile-normalise H across datasets, then cluster and embed (each optional).
 
@@ -565,6 +624,9 @@ def align_cluster_embed(
         ``cluster``, ``umap``, ``resolution`` and ``seed`` (used by all three steps; None: not reproducible).
     timings : dict
         Gets the seconds of each step.
+    reference : ReferenceQuantiles or None
+        Align each dataset onto these (``mapping.align_to_reference``) instead of normalising the datasets
+        among themselves.
 
     Returns
     -------
@@ -573,7 +635,12 @@ def align_cluster_embed(
     from . import postprocess
 
     t = time.perf_counter()
-    H_norm, _ = postprocess.quantile_norm(H, datasets, random_state=outputs.seed)
+    if reference is None:
+        H_norm, _ = postprocess.quantile_norm(H, datasets, random_state=outputs.seed)
+    else:
+        from .mapping import align_to_reference
+
+        H_norm, _ = align_to_reference(H, reference, datasets=datasets, random_state=outputs.seed)
     timings["quantile_norm_s"] = time.perf_counter() - t
     clusters = umap = None
     if outputs.cluster:
@@ -587,11 +654,17 @@ def align_cluster_embed(
     return H_norm, clusters, umap
 
 
-def _postprocess_and_write(table, H_blocks, est, genes, outputs: OutputOptions, output, summary, *, params):
+def _postprocess_and_write(table, H_blocks, est, genes, outputs: OutputOptions, output, summary, *, params,
+                           mapping=None):
     H = table.assemble(H_blocks)
     H_blocks.clear()  # the caller's list: drop the per-dataset copies of H (80 MB per million cells at K=20)
     datasets = table.datasets
-    H_norm, clusters, umap = align_cluster_embed(H, datasets, outputs, summary.timings)
+    quantiles, reference = mapping if mapping is not None else (None, None)
+    H_norm, clusters, umap = align_cluster_embed(H, datasets, outputs, summary.timings, reference=quantiles)
+    obs_columns = None
+    if reference is not None:
+        obs_columns = _transfer_labels(H, reference, outputs, summary.timings)
+        params = {**params, "reference": reference.path, "label_key": reference.label_key}
     timings = summary.timings
     uns = {
         "params": params,
@@ -619,10 +692,26 @@ def _postprocess_and_write(table, H_blocks, est, genes, outputs: OutputOptions, 
             selected=selected,
             uns=uns,
             copy_x=outputs.copy_x,
+            obs_columns=obs_columns,
         )
         summary.outputs.append(str(output))
     if outputs.plots is not None:
         summary.outputs.extend(_plots(outputs.plots, umap, datasets, clusters, uns["objective_per_epoch"]))
+
+
+def _transfer_labels(H: np.ndarray, reference: ReferenceCells, outputs: OutputOptions, timings: dict) -> dict:
+    """The label vote among the reference's cells (cosine on H as projected: measured best, see
+    benchmarks/README.md), as the results' obs columns."""
+    import pandas as pd
+
+    from . import _keys
+    from .mapping import transfer_labels
+
+    t = time.perf_counter()
+    vote = transfer_labels(H, reference.H, reference.labels, metric="cosine", random_state=outputs.seed)
+    timings["label_transfer_s"] = time.perf_counter() - t
+    return {_keys.OBS_LABEL: pd.Categorical(vote.labels.astype(str), categories=sorted(set(reference.labels))),
+            _keys.OBS_LABEL_CONFIDENCE: vote.confidence, _keys.OBS_MAPPING_DISTANCE: vote.distance}
 
 
 def _plots(folder, umap, datasets, clusters, objective) -> list[str]:

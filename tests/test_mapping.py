@@ -150,12 +150,6 @@ def _digest(path) -> str:
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
-    import inspect
-
-    from onlinemf import pipelines
-
-    if "reference" not in inspect.signature(pipelines.project).parameters:  # TEMPORARY until the CLI is wired
-        pytest.skip("project --reference not wired yet")
     """ctrl fitted as the reference (with --label-key), stim split into two query files."""
     folder = tmp_path_factory.mktemp("mapping")
     adata = ad.read_h5ad(TINY)
