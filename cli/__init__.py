@@ -31,7 +31,7 @@ class _InputPath(click.Path):
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
         path = super().convert(value, param, ctx)  # a Path (path_type=Path)
         if isinstance(path, Path) and path.is_dir():
-            from onlinemf.readers._zarr import is_zarr_store
+            from onlinemf.readers import is_zarr_store
 
             if not is_zarr_store(path):
                 self.fail(f"{str(value)!r} is a directory (and not a zarr store).", param, ctx)

@@ -14,7 +14,7 @@ from collections.abc import Iterable, Iterator
 from typing import TypeVar
 
 from ._cores import return_large_frees_to_the_os
-from .readers._decode import read_threads, set_read_threads
+from .readers import read_threads, set_read_threads
 
 T = TypeVar("T")
 

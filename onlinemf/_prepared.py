@@ -23,8 +23,7 @@ from ._errors import InputError
 from ._prefetch import prefetch
 from ._rowrange import CsrRowRange
 from ._source import Source, check_range, csr_ranges, csr_rows
-from .readers import iter_split_blocks, split_groups
-from .readers._decode import read_threads, thread_pool
+from .readers import iter_split_blocks, read_threads, split_groups, thread_pool
 
 logger = logging.getLogger("onlinemf.preprocess")
 

@@ -19,8 +19,7 @@ import pandas as pd
 from . import _keys
 from ._errors import InputError
 from ._files import atomic_output
-from .readers import read_obs
-from .readers._zarr import is_zarr_store, zarr_n_obs
+from .readers import is_zarr_store, read_obs, zarr_n_obs
 
 logger = logging.getLogger(__name__)
 
