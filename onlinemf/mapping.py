@@ -33,8 +33,6 @@ from ._cores import usable_cores
 from ._errors import InputError
 from ._validation import check_factors, check_int, dataset_codes
 from .postprocess import (
-    _optional,
-    _subsample,
     knn_indices,
     knn_vote,
     max_factor_labels,
@@ -140,6 +138,22 @@ class LabelTransfer:
     scale: float
 
 
+def _sample(values: np.ndarray, max_sample: int, rng: np.random.Generator) -> np.ndarray:
+    """At most ``max_sample`` of ``values`` (all of them without a draw), as ``quantile_norm`` samples."""
+    if values.shape[0] <= max_sample:
+        return values
+    return values[rng.choice(values.shape[0], max_sample, replace=False)]
+
+
+def _faiss():
+    """faiss (the 'knn' extra) or None: an accelerator, never a requirement."""
+    try:
+        import faiss
+    except ImportError:
+        return None
+    return faiss
+
+
 def _cluster_labels(H: np.ndarray, n_neighbors: int, refine_knn: bool, eps: float, random_state) -> np.ndarray:
     """Max-factor labels of one dataset, kNN-refined: the clusters ``quantile_norm`` gives it."""
     labels = max_factor_labels(H)
@@ -192,7 +206,7 @@ def reference_quantiles(H, datasets, *, reference=None, quantiles: int = 50, min
     for c in np.flatnonzero(n_cells >= max(min_cells, 1)):
         cells = H_ref[labels == c].astype(np.float64)
         for j in range(K):
-            values[c, j] = quantiles_type7(_subsample(cells[:, j], max_sample, rng), quantiles)
+            values[c, j] = quantiles_type7(_sample(cells[:, j], max_sample, rng), quantiles)
     return ReferenceQuantiles(values=values, n_cells=n_cells, reference=str(names[ref]), min_cells=min_cells,
                               n_neighbors=n_neighbors, max_sample=max_sample, refine_knn=bool(refine_knn),
                               eps=float(eps))
@@ -248,7 +262,7 @@ def align_to_reference(H, reference: ReferenceQuantiles, *, datasets=None, rando
             n_mapped += cells.size
             for j in range(K):
                 values = H[cells, j].astype(np.float64)
-                q2 = quantiles_type7(_subsample(values, reference.max_sample, rng), reference.n_quantiles)
+                q2 = quantiles_type7(_sample(values, reference.max_sample, rng), reference.n_quantiles)
                 q1 = reference.values[c, j]
                 if q1.sum() == 0 or q2.sum() == 0 or np.unique(q1).size < 2 or np.unique(q2).size < 2:
                     H_norm[cells, j] = 0.0
@@ -269,7 +283,7 @@ def _neighbours(reference: np.ndarray, query: np.ndarray, k: int, metric: str, e
     if metric == "cosine":
         # On unit vectors the Euclidean neighbours are the cosine neighbours; report 1 - cos = d^2 / 2.
         reference, query = _unit(reference), _unit(query)
-    faiss = _optional("faiss")
+    faiss = _faiss()
     if faiss is not None and eps == 0:
         index = faiss.IndexFlatL2(reference.shape[1])
         previous = faiss.omp_get_max_threads()
