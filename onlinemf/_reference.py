@@ -1,7 +1,7 @@
 """Read what reference mapping needs from a results ``.h5ad`` of ``onlinemf fit``: read-only, nothing else.
 
-The file is opened read-only with h5py and only ``obsm['X_inmf']``, ``varm['W_inmf']``, the var names and one
-obs column are read; the counts and every other slot stay on disk. No math here: the vote is in
+The file is opened read-only and only ``obsm['X_inmf']``, ``varm['W_inmf']``, ``var`` and ``obs`` are read; the
+counts and every other slot stay on disk. No math here: the vote is in
 :mod:`onlinemf.mapping`.
 """
 
@@ -16,13 +16,7 @@ import pandas as pd
 
 from . import _keys
 from ._errors import InputError
-from .readers._h5 import (
-    dataframe_columns,
-    index_length,
-    open_h5,
-    read_column,
-    read_index,
-)
+from .readers import open_h5, read_obs
 
 
 @dataclass
@@ -48,14 +42,22 @@ class ReferenceCells:
     path: str = ""
 
 
-def _matrix(h5: h5py.File, group: str, key: str, rows: int, path: Path) -> h5py.Dataset:
+def _matrix(h5: h5py.File, group: str, key: str, rows: int | None, path: Path) -> h5py.Dataset:
     item = h5.get(f"{group}/{key}")
-    if not isinstance(item, h5py.Dataset) or item.ndim != 2 or item.shape[0] != rows or item.dtype.kind != "f":
+    ok = isinstance(item, h5py.Dataset) and item.ndim == 2 and item.dtype.kind == "f"
+    if not ok or (rows is not None and item.shape[0] != rows):
         found = "none" if item is None else (f"shape {item.shape}" if isinstance(item, h5py.Dataset) else "a group")
-        msg = (f"--reference {path}: expected a results .h5ad of onlinemf fit with {group}['{key}'] "
-               f"({rows} rows of numbers), found {found}")
+        expected = f"{rows} rows of numbers" if rows is not None else "a 2-D array of numbers"
+        msg = f"--reference {path}: expected a results .h5ad of onlinemf fit with {group}['{key}'] ({expected}), found {found}"
         raise InputError(msg)
     return item
+
+
+def _column(obs: pd.DataFrame, label_key: str, path) -> pd.Series:
+    if label_key not in obs.columns:
+        msg = f"--label-key {label_key}: not an obs column of {path}; columns: {', '.join(map(str, obs.columns)) or 'none'}"
+        raise InputError(msg)
+    return obs[label_key]
 
 
 def read_reference(path, *, label_key: str, W: np.ndarray, genes) -> ReferenceCells:
@@ -83,11 +85,13 @@ def read_reference(path, *, label_key: str, W: np.ndarray, genes) -> ReferenceCe
         if "obs" not in h5 or "var" not in h5:
             msg = f"--reference {path}: expected a results .h5ad of onlinemf fit, found an HDF5 file without obs/var"
             raise InputError(msg)
-        n_cells, var_names = index_length(h5, "obs"), read_index(h5, "var")
+        from anndata.io import read_elem
+
+        var_names = np.asarray(read_elem(h5["var"]).index).astype(str)
         W_res = _matrix(h5, "varm", _keys.VARM_W, len(var_names), path)
-        H_d = _matrix(h5, "obsm", _keys.OBSM_H, n_cells, path)
+        H_d = _matrix(h5, "obsm", _keys.OBSM_H, None, path)
         pos = pd.Index(var_names).get_indexer(genes)
-        same = W_res.shape[1] == K and H_d.shape[1] == K and (pos >= 0).all()
+        same = W_res.shape[1] == K and H_d.shape[1] == K and bool((pos >= 0).all())
         if same:
             W_file = np.asarray(W_res[...], dtype=np.float64)[pos].T
             W_model = np.asarray(W, dtype=np.float32).astype(np.float64)
@@ -96,16 +100,17 @@ def read_reference(path, *, label_key: str, W: np.ndarray, genes) -> ReferenceCe
             msg = (f"--reference {path}: expected results written with this model (the same W on its {len(genes)} genes, "
                    f"K={K}), found results of another model; give the results file of the fit that wrote the model")
             raise InputError(msg)
-        columns = dataframe_columns(h5, "obs")
-        if label_key not in columns:
-            msg = f"--label-key {label_key}: not an obs column of {path}; columns: {', '.join(map(str, columns)) or 'none'}"
-            raise InputError(msg)
-        labels = pd.Series(read_column(h5, label_key, n_rows=n_cells))
-        labelled = ~labels.isna().to_numpy()
-        if not labelled.any():
-            msg = f"--label-key {label_key}: expected labels in {path}, found the column empty (all missing)"
-            raise InputError(msg)
-        H = np.asarray(H_d[...], dtype=np.float32)[labelled]
+        H_all = np.asarray(H_d[...], dtype=np.float32)
+    obs = read_obs(path)
+    if len(obs) != H_all.shape[0]:
+        msg = f"--reference {path}: expected obsm['{_keys.OBSM_H}'] to have one row per cell ({len(obs)}), found {H_all.shape[0]}"
+        raise InputError(msg)
+    labels = _column(obs, label_key, path)
+    labelled = ~labels.isna().to_numpy()
+    if not labelled.any():
+        msg = f"--label-key {label_key}: expected labels in {path}, found the column empty (all missing)"
+        raise InputError(msg)
+    n_cells, H = len(obs), H_all[labelled]
     return ReferenceCells(H=H, labels=labels[labelled].astype(str).to_numpy(dtype=object), n_cells=n_cells,
                           label_key=label_key, path=str(path))
 
@@ -117,11 +122,5 @@ def input_labels(inputs, label_key: str) -> tuple[str, ...]:
     """
     found: set[str] = set()
     for path in inputs:
-        with open_h5(path) as h5:
-            columns = dataframe_columns(h5, "obs") if "obs" in h5 else []
-            if label_key not in columns:
-                msg = f"--label-key {label_key}: not an obs column of {path}; columns: {', '.join(map(str, columns)) or 'none'}"
-                raise InputError(msg)
-            values = pd.Series(read_column(h5, label_key, n_rows=index_length(h5, "obs")))
-        found.update(values.dropna().astype(str))
+        found.update(_column(read_obs(path), label_key, path).dropna().astype(str))
     return tuple(sorted(found))

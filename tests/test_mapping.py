@@ -308,3 +308,9 @@ def test_label_key_without_reference_is_refused(reference, tmp_path):
     out = tmp_path / "query.h5ad"
     _assert_refused(["project", reference["model"], reference["stim_a"], "-o", out, "--label-key", LABEL, "--quiet"],
                     out, "give --reference")
+
+
+def test_reference_that_is_not_a_results_file_is_refused(reference, tmp_path):
+    out = tmp_path / "query.h5ad"
+    _assert_refused(["project", reference["model"], reference["stim_a"], "-o", out, "--reference", reference["ctrl"],
+                     "--label-key", LABEL, "--quiet"], out, "expected a results .h5ad of onlinemf fit")
