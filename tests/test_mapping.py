@@ -314,3 +314,14 @@ def test_reference_that_is_not_a_results_file_is_refused(reference, tmp_path):
     out = tmp_path / "query.h5ad"
     _assert_refused(["project", reference["model"], reference["stim_a"], "-o", out, "--reference", reference["ctrl"],
                      "--label-key", LABEL, "--quiet"], out, "expected a results .h5ad of onlinemf fit")
+
+
+def test_update_writes_no_reference_quantiles(reference, tmp_path):
+    from onlinemf.model_io import load_model
+
+    assert load_model(reference["model"]).mapping.label_key == LABEL  # fit's model has them
+    updated = tmp_path / "updated.h5"
+    result = _cli(["update", reference["model"], reference["stim_a"], "--epochs", "1", "-o", tmp_path / "u.h5ad",
+                   "--model-out", updated, *FAST[-3:]])
+    assert result.exit_code == 0, result.output
+    assert load_model(updated).mapping is None  # its W moved away from the reference's H
