@@ -44,6 +44,8 @@ def run_cli(args: list[str], out: Path, env: dict | None = None) -> dict:
     """One ``onlinemf fit`` in a fresh process: total wall time, phases, peak RSS of the process."""
     results = out / "r.h5ad"
     cmd = [str(ONLINEMF), "fit", *args, "-o", str(results), "--quiet"]
+    if "--model" not in args:  # the default would be INPUT_model.h5 in the current folder
+        cmd += ["--model", str(out / "model.h5")]
     t0 = time.perf_counter()
     proc = subprocess.run(["/usr/bin/time", "-f", "%M", *cmd], capture_output=True, text=True,
                           env={**os.environ, **(env or {})})
