@@ -92,7 +92,7 @@ def _fit_args(extra=()):
     return args
 
 
-COUNT_KINDS = ["h5ad-csr", "h5ad-csc", "h5ad-dense", "h5ad-layer", "h5ad-raw", "10x-v3", "10x-v2"]
+COUNT_KINDS = ["h5ad-csr", "h5ad-csc", "h5ad-dense", "h5ad-layer", "h5ad-raw", "10x-v3", "10x-v2", "zarr-csr"]
 MODEL_KINDS = ["model", "checkpoint"]
 KINDS = COUNT_KINDS + MODEL_KINDS
 
@@ -131,6 +131,14 @@ def make_inputs(folder: Path, kinds=None) -> dict[str, Input]:
         path = folder / f"10x-v{version}.h5"
         _write_tenx(path, adata, version)
         inputs[f"10x-v{version}"] = Input(path, _fit_args(), "matrix" if version == 3 else "GRCh38")
+    if "zarr-csr" in wanted:
+        import warnings
+
+        path = folder / "zarr-csr.zarr"
+        with warnings.catch_warnings():  # anndata's note on the zarr format version it writes
+            warnings.simplefilter("ignore")
+            adata.write_zarr(path)
+        inputs["zarr-csr"] = Input(path, _fit_args(["--batch-key", "batch"]), "X")
     if wanted & set(MODEL_KINDS):
         inputs.update(_model_inputs(folder, adata))
     return {kind: value for kind, value in inputs.items() if kind in wanted}
@@ -284,6 +292,8 @@ def _attr_mutations(name: str, key: str, value):
 
 def mutants(kind: str, path: Path):
     """Every mutation of every object and attribute of ``path``."""
+    if path.is_dir():
+        return _zarr_mutants(kind, path)
     items = []
     with h5py.File(path, "r") as h5:
         items.append(("/", h5, None))
@@ -306,6 +316,17 @@ def mutants(kind: str, path: Path):
 
 def apply(mutant: Mutant, base: Path, path: Path) -> bool:
     """Write ``mutant`` of ``base`` to ``path``; False when the mutation does not apply to this object."""
+    if base.is_dir():
+        import zarr
+
+        shutil.copytree(base, path)
+        try:
+            mutant.edit(path)
+            if (path / ".zmetadata").exists():  # anndata consolidates the store's metadata: keep it true
+                zarr.consolidate_metadata(str(path))
+        except (TypeError, ValueError, KeyError, OSError, IndexError):
+            return False
+        return True
     shutil.copyfile(base, path)
     try:
         with h5py.File(path, "r+") as h5:
@@ -315,6 +336,111 @@ def apply(mutant: Mutant, base: Path, path: Path) -> bool:
     return True
 
 
+# ----------------------------------------------------------------------------- zarr stores
+def _zarr_group(store: Path):
+    import zarr
+
+    return zarr.open_group(str(store), mode="r+")
+
+
+def _zarr_replace(name: str, make):
+    """Replace array ``name`` by ``make(values)``: its folder is removed (chunks and all), then written anew."""
+    def edit(store: Path):
+        old = _zarr_group(store)[name]
+        attrs, values = dict(old.attrs), np.asarray(make(old[...]))
+        shutil.rmtree(store / name)
+        new = _zarr_group(store).create_array(name, data=values)
+        new.attrs.update(attrs)
+
+    return edit
+
+
+def _zarr_delete(name: str):
+    def edit(store: Path):
+        shutil.rmtree(store / name)
+
+    return edit
+
+
+def _zarr_attr(name: str, key: str, value=None, *, delete=False):
+    def edit(store: Path):
+        node = _zarr_group(store)[name] if name else _zarr_group(store)
+        if delete:
+            del node.attrs[key]
+        else:
+            node.attrs[key] = value
+
+    return edit
+
+
+def _zarr_mutants(kind: str, store: Path) -> list[Mutant]:
+    """Delete, empty, cut, retype and give out-of-range values to every array, delete or falsify every attribute."""
+    import zarr
+
+    root = zarr.open_group(str(store), mode="r")
+    out = []
+    for name, node in [("", root), *sorted(root.members(max_depth=None))]:
+        if name:
+            out.append(Mutant(kind, name, "delete", _zarr_delete(name)))
+        if name and isinstance(node, zarr.Array) and node.ndim >= 1 and node.shape[0] > 0:
+            out.append(Mutant(kind, name, "empty", _zarr_replace(name, lambda v: v[:0])))
+            if node.shape[0] > 1:
+                out.append(Mutant(kind, name, "one element", _zarr_replace(name, lambda v: v[:1])))
+                out.append(Mutant(kind, name, "drop last", _zarr_replace(name, lambda v: v[:-1])))
+            out.append(Mutant(kind, name, "strings", _zarr_replace(name, lambda v: np.full(v.shape, "12"))))
+            if np.dtype(node.dtype.to_native_dtype() if hasattr(node.dtype, "to_native_dtype") else node.dtype).kind in "iuf":
+                def set_middle(value):
+                    def make(v):
+                        v = np.array(v)
+                        v.reshape(-1)[v.size // 2] = value(v)
+                        return v
+                    return make
+
+                out.append(Mutant(kind, name, "max + 1", _zarr_replace(name, set_middle(lambda v: v.max() + 1))))
+                out.append(Mutant(kind, name, "negative", _zarr_replace(name, set_middle(lambda v: -1))))
+                out.append(Mutant(kind, name, "float", _zarr_replace(name, lambda v: v.astype(np.float64) + 0.5)))
+        for key, value in dict(node.attrs).items():
+            target = f"{name}@{key}"
+            out.append(Mutant(kind, target, "delete", _zarr_attr(name, key, delete=True)))
+            out.append(Mutant(kind, target, "bogus string", _zarr_attr(name, key, "bogus")))
+            if key == "shape":
+                out.append(Mutant(kind, target, "lying (larger)", _zarr_attr(name, key, [int(value[0]) * 2 + 1, int(value[1])])))
+    return out
+
+
+def _zarr_matrix_problem(store: Path, element: str) -> str | None:
+    """As :func:`matrix_problem`, for the CSR or dense X of an AnnData zarr store."""
+    import zarr
+
+    try:
+        root = zarr.open_group(str(store), mode="r")
+        node = root[element]
+        n_var = root["var"][root["var"].attrs.get("_index", "_index")].shape[0]
+        n_obs = root["obs"][root["obs"].attrs.get("_index", "_index")].shape[0]
+        if isinstance(node, zarr.Array):
+            data = np.asarray(node[...])
+            if data.ndim != 2:
+                return "not 2-D"
+            shape = data.shape
+        else:
+            if node.attrs["encoding-type"] != "csr_matrix":
+                return "not CSR"
+            shape = tuple(int(v) for v in node.attrs["shape"])
+            matrix = sp.csr_matrix((node["data"][...], node["indices"][...], node["indptr"][...]), shape=shape)
+            matrix.check_format(full_check=True)
+            data = matrix.data
+        if shape != (n_obs, n_var):
+            return f"shape {shape} vs names ({n_obs}, {n_var})"
+        if data.dtype.kind not in "biuf":
+            return f"dtype {data.dtype}"
+        data = data.astype(np.float64)
+        if not np.isfinite(data).all() or (data < 0).any():
+            return "values not finite and non-negative"
+    except Exception as exc:  # noqa: BLE001 - anything unreadable is invalid
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
 # ----------------------------------------------------------------------------- independent oracle
 def matrix_problem(path: Path, kind: str, element: str) -> str | None:
     """Why the count matrix a run of ``kind`` reads from ``path`` is structurally invalid, or None.
@@ -322,6 +448,8 @@ def matrix_problem(path: Path, kind: str, element: str) -> str | None:
     Independent of onlinemf's readers: scipy's full format check of the compressed arrays, the declared
     shape against the arrays and the cell/gene names, numeric, finite, non-negative values.
     """
+    if path.is_dir():
+        return _zarr_matrix_problem(path, element)
     try:
         with h5py.File(path, "r") as h5:
             if kind.startswith("10x"):
@@ -367,7 +495,16 @@ def matrix_problem(path: Path, kind: str, element: str) -> str | None:
 
 # ----------------------------------------------------------------------------- running
 def digest(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    """SHA-256 of a file's bytes, or of a folder's (a zarr store) relative paths and file bytes."""
+    path = Path(path)
+    if not path.is_dir():
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    h = hashlib.sha256()
+    for p in sorted(path.rglob("*")):
+        if p.is_file():
+            h.update(str(p.relative_to(path)).encode())
+            h.update(p.read_bytes())
+    return h.hexdigest()
 
 
 @dataclass
@@ -421,12 +558,15 @@ def run_mutant(mutant: Mutant, source: Input, work: Path) -> Outcome | None:
     """Apply ``mutant`` to a copy of ``source`` in ``work``, run the CLI on it and judge; None if it does not apply."""
     path = work / f"mutant{source.path.suffix}"
     if not apply(mutant, source.path, path):
+        if path.is_dir():
+            shutil.rmtree(path)
         return None
     problem = matrix_problem(path, mutant.kind, source.element) if source.element else None
     try:
-        # `onlinemf info` too: a summary (it reads no matrix, so an invalid one may be described) or a clean refusal
-        described = judge(mutant.label, ["info", path], path, None, None, work / "res.h5ad")
-        if described.failed:
+        # `onlinemf info` too (files; it takes no zarr store yet): a summary (it reads no matrix, so an invalid
+        # one may be described) or a clean refusal
+        described = None if path.is_dir() else judge(mutant.label, ["info", path], path, None, None, work / "res.h5ad")
+        if described is not None and described.failed:
             described.status += " (info)"
             return described
         cells = source.cells if source.element is None else (None if problem else _cells(path, mutant.kind, source.element))
@@ -437,6 +577,11 @@ def run_mutant(mutant: Mutant, source: Input, work: Path) -> Outcome | None:
 
 
 def _cells(path: Path, kind: str, element: str) -> int:
+    if path.is_dir():
+        import zarr
+
+        node = zarr.open_group(str(path), mode="r")[element]
+        return node.shape[0] if isinstance(node, zarr.Array) else int(node.attrs["shape"][0])
     with h5py.File(path, "r") as h5:
         if kind.startswith("10x"):
             return int(h5[element]["shape"][1])

@@ -28,6 +28,7 @@ SUBSET = {
     ("10x-v3", "matrix/features/name", "delete"): "refused",
     ("10x-v3", "matrix/indices", "max + 1"): "refused",
     ("10x-v2", "GRCh38/shape", "max + 1"): "refused",
+    ("zarr-csr", "X/indices", "max + 1"): "refused",  # the zarr reader's own checks: see docs/errors.md for its gaps
 }
 
 
@@ -47,11 +48,16 @@ def test_valid_inputs_run_and_pass_the_oracle(inputs, tmp_path):
 
 
 def test_every_object_is_mutated(inputs):
+    import zarr
+
     for kind, (source, mutants) in inputs.items():
         targets = {target.split("@")[0] for target, _ in mutants}
-        with F.h5py.File(source.path, "r") as h5:
-            names = set()
-            h5.visit(names.add)
+        if source.path.is_dir():
+            names = {name for name, _ in zarr.open_group(str(source.path), mode="r").members(max_depth=None)}
+        else:
+            with F.h5py.File(source.path, "r") as h5:
+                names = set()
+                h5.visit(names.add)
         assert names <= targets, (kind, names - targets)
 
 
