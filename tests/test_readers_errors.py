@@ -396,3 +396,18 @@ def test_tenx_gene_index_out_of_range_refused_in_its_block(tmp_path):
     path = _edit(_write_v3(tmp_path / "v3.h5"), "matrix/indices", _set(-1, 2))
     with TenxH5Source(path) as source, pytest.raises(InputError, match=r"expected gene indices within 0:2, found 2"):
         source.read_block(0, 3)
+
+
+def test_uint64_indices_past_2_to_the_32_are_refused_not_wrapped():
+    """A uint64 index of 2**32 + i must not become the valid index i on its way to scipy's signed indices."""
+    import scipy.sparse as sp
+
+    from onlinemf._source import check_indices
+    from onlinemf.readers._rows import CsrRows
+
+    X = sp.random(5, 10, density=0.5, format="csr", random_state=0, dtype=np.float32)
+    indices = X.indices.astype(np.uint64)
+    indices[3] += np.uint64(2**32)
+    block = CsrRows(X.data, indices, X.indptr, X.shape).read(0, 5)
+    with pytest.raises(InputError, match=r"indices within 0:10"):
+        check_indices(block.indices, 10, "x")

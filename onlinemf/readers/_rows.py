@@ -54,7 +54,10 @@ class CsrRows:
         data = as_float32(read_range(self._data, first, last))
         indices = np.asarray(read_range(self._indices, first, last))
         if indices.dtype.kind == "u":  # 10x stores uint32; scipy wants signed indices
-            indices = indices.astype(np.int32 if self.shape[1] < 2**31 else np.int64)
+            # uint32 values >= 2**31 turn negative in int32 and uint64 ones >= 2**63 in int64, which the per-block
+            # index check refuses; uint64 must not go to int32, where 2**32 + i would wrap back to a valid i.
+            small = self.shape[1] < 2**31 and indices.dtype.itemsize <= 4
+            indices = indices.astype(np.int32 if small else np.int64)
         return sp.csr_matrix((data, indices, ptr - first), shape=(hi - lo, self.shape[1]))
 
 
