@@ -166,10 +166,10 @@ def transform_source(est: Any, source: Source, client: Any, *, dataset: str | No
     Only the factors go out and H (80 bytes per cell at K=20, float32) comes back.
     """
     from . import _step
-    from . import _training as T
 
     factors = est._factors(dataset)
-    est._check_genes(source.n_genes, T.gene_names(source), source.name, est._n_unshared(dataset))
+    names = None if source.placeholder_genes else source.var_names
+    est._check_genes(source.n_genes, names, source.name, est._n_unshared(dataset))
     task = _step.HTask({"": factors}, est.h_sweeps, with_objective)
     H = np.empty((source.n_cells, est.n_components), dtype=est._dt)
     total = 0.0
