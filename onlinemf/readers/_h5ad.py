@@ -14,7 +14,7 @@ from .._source import Source, check_indices, check_range, check_values
 from ._checks import check_compressed, read_shape
 from ._csc import ConvertedCsc
 from ._h5 import detect_format, duplicates, index_length, open_h5, read_index
-from ._rows import CsrRows, DenseRows, read_rows
+from ._rows import CsrRows, DenseRows, read_checked_rows, read_rows
 
 logger = logging.getLogger(__name__)
 
@@ -217,15 +217,8 @@ class H5adSource(Source):
 
     def read_block(self, start: int, stop: int) -> sp.csr_matrix:
         check_range(self, start, stop)
-        try:
-            block = read_rows(self._reader, self._rows, start, stop)
-        except OSError as exc:
-            msg = f"{self._label}: could not read cells {start}:{stop} (damaged or truncated file?): {exc}"
-            raise InputError(msg) from None
-        check_indices(block.indices, block.shape[1], self._label)
-        block.sum_duplicates()  # also sorts indices
-        check_values(block.data, self._label)
-        return block
+        return read_checked_rows(self._reader, self._rows, start, stop, self._label,
+                                 " (damaged or truncated file?)")
 
     def close(self) -> None:
         if self._converted is not None:

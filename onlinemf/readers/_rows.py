@@ -12,6 +12,8 @@ from __future__ import annotations
 import numpy as np
 import scipy.sparse as sp
 
+from .._errors import InputError
+from .._source import check_indices, check_values
 from ._decode import read_range
 
 # About 4 M stored values (~32-48 MB with indices) per read: bounded, yet large enough that
@@ -122,3 +124,19 @@ def read_rows(reader, file_rows: np.ndarray | None, start: int, stop: int) -> sp
             pieces.append(block)
     block = pieces[0] if len(pieces) == 1 else sp.vstack(pieces, format="csr")
     return sp.csr_matrix(block, dtype=np.float32)
+
+
+def read_checked_rows(reader, file_rows: np.ndarray | None, start: int, stop: int, label: str,
+                      hint: str = "") -> sp.csr_matrix:
+    """:func:`read_rows`, then the per-block checks every reader makes: an unreadable span is an InputError
+    naming ``label`` (and ``hint``), indices must lie within the genes, values finite and non-negative; the
+    block comes back canonical (duplicates summed, indices sorted)."""
+    try:
+        block = read_rows(reader, file_rows, start, stop)
+    except OSError as exc:
+        msg = f"{label}: could not read cells {start}:{stop}{hint}: {exc}"
+        raise InputError(msg) from None
+    check_indices(block.indices, block.shape[1], label)
+    block.sum_duplicates()  # also sorts indices
+    check_values(block.data, label)
+    return block

@@ -16,10 +16,10 @@ import pandas as pd
 import scipy.sparse as sp
 
 from .._errors import InputError
-from .._source import Source, check_indices, check_range, check_values
+from .._source import Source, check_range
 from ._h5 import duplicates
 from ._h5ad import check_numeric, check_rows
-from ._rows import CsrRows, DenseRows, read_rows
+from ._rows import CsrRows, DenseRows, read_checked_rows
 
 logger = logging.getLogger(__name__)
 
@@ -148,15 +148,7 @@ class ZarrSource(Source):
 
     def read_block(self, start: int, stop: int) -> sp.csr_matrix:
         check_range(self, start, stop)
-        try:
-            block = read_rows(self._reader, self._rows, start, stop)
-        except OSError as exc:
-            msg = f"{self._label}: could not read cells {start}:{stop}: {exc}"
-            raise InputError(msg) from None
-        check_indices(block.indices, block.shape[1], self._label)
-        block.sum_duplicates()  # also sorts indices
-        check_values(block.data, self._label)
-        return block
+        return read_checked_rows(self._reader, self._rows, start, stop, self._label)
 
 
 def zarr_batch_rows(path, batch_key: str) -> list[tuple[str, np.ndarray]]:
