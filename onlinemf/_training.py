@@ -17,6 +17,7 @@ import scipy.sparse as sp
 
 from . import _solvers as S
 from . import _step, _uinmf
+from ._daskarray import DaskArraySource, is_dask_array
 from ._errors import InputError
 from ._executor import imap, local_executor
 from ._rowrange import CsrRowRange, materialize
@@ -37,10 +38,13 @@ def as_sources(X: Any) -> list[Source]:
     """A list of Sources from a Source, a list of Sources, a dict name -> matrix, or one matrix (named "dataset")."""
     if isinstance(X, Source):
         return [X]
-    if is_matrix(X):
+    if is_dask_array(X):  # read block by block: a MemorySource would compute the whole array
+        X = [DaskArraySource(X, name="dataset")]
+    elif is_matrix(X):
         X = [MemorySource(X, name="dataset", var_names=_column_names(X))]
     elif isinstance(X, Mapping):
-        X = [s if isinstance(s, Source) else MemorySource(s, name=str(n)) for n, s in X.items()]
+        X = [s if isinstance(s, Source) else DaskArraySource(s, name=str(n)) if is_dask_array(s)
+             else MemorySource(s, name=str(n)) for n, s in X.items()]
     sources = list(X) if isinstance(X, (list, tuple)) else []
     if not sources or not all(isinstance(s, Source) for s in sources):
         msg = (f"X: expected a cells x genes matrix, a non-empty list of Source objects or a dict name -> matrix, "

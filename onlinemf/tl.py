@@ -8,6 +8,7 @@ import numpy as np
 import pandas as pd
 
 from . import _keys
+from ._daskarray import DaskArraySource, is_dask_array
 from ._errors import InputError
 from .engine import OnlineINMF
 from .pipelines import OutputOptions, align_cluster_embed, unshared_uns
@@ -19,9 +20,11 @@ if TYPE_CHECKING:
 
     from anndata import AnnData
 
+    from ._source import Source
 
-def _split(adata: AnnData, batch_key: str | None, layer: str | None) -> tuple[list[MemorySource], list[np.ndarray]]:
-    """One in-memory source per category of ``obs[batch_key]`` (all cells when None), and its rows."""
+
+def _split(adata: AnnData, batch_key: str | None, layer: str | None) -> tuple[list[Source], list[np.ndarray]]:
+    """One source per category of ``obs[batch_key]`` (all cells when None), and its rows (a dask X stays lazy)."""
     if layer is not None and layer not in adata.layers:
         msg = f"layer '{layer}' is not in adata.layers; layers: {', '.join(map(str, adata.layers)) or 'none'}"
         raise InputError(msg)
@@ -29,8 +32,10 @@ def _split(adata: AnnData, batch_key: str | None, layer: str | None) -> tuple[li
     if X is None:
         msg = "adata.X is empty; pass layer= to read counts from a layer"
         raise InputError(msg)
+    # A dask X (a lazy AnnData) is read block by block; MemorySource would compute all of it.
+    make_source = DaskArraySource if is_dask_array(X) else MemorySource
     if batch_key is None:
-        return [MemorySource(X, name="dataset", var_names=adata.var_names, obs_names=adata.obs_names)], [np.arange(adata.n_obs)]
+        return [make_source(X, name="dataset", var_names=adata.var_names, obs_names=adata.obs_names)], [np.arange(adata.n_obs)]
     if batch_key not in adata.obs:
         msg = f"batch_key '{batch_key}' is not an obs column; columns: {', '.join(map(str, adata.obs.columns))}"
         raise InputError(msg)
@@ -46,7 +51,7 @@ def _split(adata: AnnData, batch_key: str | None, layer: str | None) -> tuple[li
         idx = np.flatnonzero(values == str(cat))
         if len(idx) == 0:
             continue
-        sources.append(MemorySource(X[idx], name=str(cat), var_names=adata.var_names, obs_names=adata.obs_names[idx]))
+        sources.append(make_source(X[idx], name=str(cat), var_names=adata.var_names, obs_names=adata.obs_names[idx]))
         rows.append(idx)
     if len(sources) < 2:
         msg = f"batch_key '{batch_key}' has a single category; pass batch_key=None to factorise one dataset"
