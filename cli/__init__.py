@@ -23,6 +23,8 @@ if TYPE_CHECKING:  # the pipelines are imported by the commands that need them (
     from onlinemf.pipelines import RunSummary
 
 OUT_FILE = click.Path(exists=False, dir_okay=False, path_type=Path)
+#: -o: a file, or a folder when it ends in .zarr (checked by _files.check_output_path before any work).
+OUT_RESULTS = click.Path(exists=False, dir_okay=True, path_type=Path)
 
 
 class _InputPath(click.Path):
@@ -220,7 +222,7 @@ def _dataset_list(value: str | None) -> tuple[str, ...]:
                    "files or without counts there), learned as dataset-specific factors U_i.")
 @click.option("--unshared-thresh", default=0.1, type=float, help="Variance threshold of the --unshared genes (rliger's unsharedThresh).")
 @_input_options
-@click.option("-o", "--output", type=OUT_FILE, default=None, help="Results .h5ad. Default: INPUT_inmf.h5ad in the current folder (INPUT: the first input's name).")
+@click.option("-o", "--output", type=OUT_RESULTS, default=None, help="Results .h5ad (a .zarr store if it ends in .zarr). Default: INPUT_inmf.h5ad in the current folder (INPUT: the first input's name).")
 @click.option("--model", type=OUT_FILE, default=None, help="Model .h5 for update/project. Default: INPUT_model.h5 in the current folder.")
 @_output_options
 @click.option("--checkpoint", type=OUT_FILE, default=None, help="Save the fit state here every few mini-batches.")
@@ -264,7 +266,7 @@ def fit(inputs: tuple[Path, ...], k: int, lam: float, epochs: int, batch_size: i
 @click.argument("inputs", nargs=-1, required=True, type=IN_FILES)
 @click.option("--epochs", default=5, type=click.IntRange(min=1), help="Passes over the new data.")
 @_input_options
-@click.option("-o", "--output", type=OUT_FILE, default=None, help="Results .h5ad for the new cells. Default: INPUT_inmf.h5ad in the current folder.")
+@click.option("-o", "--output", type=OUT_RESULTS, default=None, help="Results .h5ad (or .zarr) for the new cells. Default: INPUT_inmf.h5ad in the current folder.")
 @click.option("--model-out", type=OUT_FILE, default=None, help="Updated model. Default: MODEL_updated.h5 in the current folder (MODEL is never overwritten).")
 @_output_options
 @_postprocess_seed
@@ -296,7 +298,7 @@ def update(model: Path, inputs: tuple[Path, ...], epochs: int, batch_key: str | 
 @click.argument("model", type=click.Path(exists=False, dir_okay=False, path_type=Path))
 @click.argument("inputs", nargs=-1, required=True, type=IN_FILES)
 @_input_options
-@click.option("-o", "--output", type=OUT_FILE, default=None, help="Results .h5ad. Default: INPUT_projected.h5ad in the current folder.")
+@click.option("-o", "--output", type=OUT_RESULTS, default=None, help="Results .h5ad (a .zarr store if it ends in .zarr). Default: INPUT_projected.h5ad in the current folder.")
 @click.option("--reference", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Map the cells onto this reference: the results .h5ad of the fit that wrote MODEL (only read). Adds obs inmf_label, inmf_label_confidence, inmf_mapping_distance.")
 @click.option("--label-key", default=None, help="obs column of the reference's labels. Default: the one 'fit --label-key' recorded in MODEL.")
 @_output_options

@@ -11,6 +11,7 @@ import logging
 import os
 import re
 import secrets
+import shutil
 import stat
 import threading
 from collections.abc import Iterable, Iterator
@@ -43,7 +44,9 @@ def check_output_path(path: str | os.PathLike, *, inputs: Iterable[str | os.Path
     if not parent.is_dir():
         msg = f"{what} {path}: the folder {parent} does not exist"
         raise InputError(msg)
-    if path.is_dir():
+    if is_zarr_path(path):
+        _check_zarr_output(path, what)
+    elif path.is_dir():
         msg = f"{what} {path}: expected a file path, found a folder"
         raise InputError(msg)
     if not os.access(parent, os.W_OK):
@@ -55,6 +58,34 @@ def check_output_path(path: str | os.PathLike, *, inputs: Iterable[str | os.Path
             msg = f"{what} {path}: is also an input; choose another name (inputs are never overwritten)"
             raise InputError(msg)
     return path
+
+
+def is_zarr_path(path: str | os.PathLike) -> bool:
+    """Whether an output path names a zarr store (a folder): its name ends in ``.zarr``."""
+    return Path(path).suffix.lower() == ".zarr"
+
+
+def _check_zarr_output(path: Path, what: str) -> None:
+    """A ``.zarr`` output may replace nothing but an empty folder or a results store written before.
+
+    As with files, a previous output is replaced (whole, once the new one is complete); any other folder
+    holds data of the user's, and is refused.
+    """
+    if path.exists() and not path.is_dir():
+        msg = f"{what} {path}: expected a .zarr folder (or a new name), found a file"
+        raise InputError(msg)
+    if path.is_dir() and any(path.iterdir()) and not is_results_store(path):
+        msg = (f"{what} {path}: the folder exists and is not an earlier onlinemf results store; "
+               f"choose another name (folders are never overwritten)")
+        raise InputError(msg)
+
+
+def is_results_store(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a zarr store that onlinemf wrote as results (an AnnData with ``uns['inmf']``)."""
+    from ._keys import UNS
+
+    group = Path(path) / "uns" / UNS
+    return (Path(path) / "obsm").is_dir() and any((group / marker).is_file() for marker in ("zarr.json", ".zgroup"))
 
 
 def temporary_prefix(path: str | os.PathLike) -> str:
@@ -90,7 +121,9 @@ def remove_stale_temporaries(path: str | os.PathLike) -> list[Path]:
     for tmp in folder.glob(f".*{glob.escape(path.name)}.*.tmp"):
         match = pattern.fullmatch(tmp.name)
         if match and not _alive(int(match.group(1))):
-            with contextlib.suppress(FileNotFoundError):
+            if tmp.is_dir() and not tmp.is_symlink():  # a .zarr output's temporary store
+                shutil.rmtree(tmp, ignore_errors=True)
+            with contextlib.suppress(FileNotFoundError, IsADirectoryError):
                 tmp.unlink()
             removed.append(tmp)
     if removed:
@@ -136,6 +169,45 @@ def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
     finally:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
+
+
+@contextlib.contextmanager
+def atomic_output_dir(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a new empty temporary folder beside ``path``; on success it replaces ``path``, on failure it is removed.
+
+    The folder counterpart of :func:`atomic_output`, for ``.zarr`` stores. A folder cannot be renamed over a
+    non-empty one, so an earlier ``path`` is first renamed aside (to a temporary name) and removed after the new
+    store is in place: ``path`` is missing only between two renames, and never half-written.
+    """
+    path = Path(path)
+    tmp = _new_temporary_dir(path)
+    try:
+        yield tmp
+        raise_if_interrupted()
+        old = None
+        if path.is_dir():
+            old = _new_temporary_dir(path)
+            os.replace(path, old)  # replaces the empty placeholder folder
+        os.replace(tmp, path)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        if tmp.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _new_temporary_dir(path: Path) -> Path:
+    """Create an empty temporary folder beside ``path`` (named as :func:`remove_stale_temporaries` expects)."""
+    folder = path.resolve().parent
+    for _ in range(100):
+        tmp = folder / f"{temporary_prefix(path)}{secrets.token_hex(4)}.tmp"
+        try:
+            tmp.mkdir(mode=0o777)  # less the umask, as any new folder
+        except FileExistsError:
+            continue
+        return tmp
+    msg = f"{path}: could not create a temporary folder in {folder}"
+    raise FileExistsError(msg)
 
 
 def publish(tmp: str | os.PathLike, path: str | os.PathLike, *, mode: int | None = None) -> None:
