@@ -224,7 +224,9 @@ def _write_zarr(adata, store: Path, counts_from: Path | None) -> None:
         from anndata.experimental import read_elem_lazy
 
         with h5py.File(counts_from, "r") as src:
-            adata.X = read_elem_lazy(src["X"], chunks=(_COPY_ROWS, -1))
+            # CSC counts are copied in column chunks of anndata's choosing (a row chunk of CSC is all of it).
+            csc = src["X"].attrs.get("encoding-type", "") == "csc_matrix"
+            adata.X = read_elem_lazy(src["X"], chunks=None if csc else (_COPY_ROWS, -1))
             adata.write_zarr(store)
 
 
