@@ -100,3 +100,20 @@ def test_blocks_are_canonical_csr_float32_and_checked():
         DaskArraySource(da.from_array(np.array([["a"]]), chunks=1), name="lazy")
     with pytest.raises(InputError, match="2-D"):
         DaskArraySource(da.ones(5), name="lazy")
+
+
+def test_integrate_counts_read_lazily_from_a_zarr_store(tmp_path):
+    from anndata.experimental import read_elem_lazy
+    from anndata.io import read_elem
+
+    zarr = pytest.importorskip("zarr")
+    _adata(_counts()).write_zarr(tmp_path / "in.zarr")
+    group = zarr.open(tmp_path / "in.zarr", mode="r")
+    lazy = ad.AnnData(X=read_elem_lazy(group["X"], chunks=(CHUNK, -1)), obs=read_elem(group["obs"]),
+                      var=read_elem(group["var"]))
+    assert is_dask_array(lazy.X)
+    kwargs = {"batch_key": "batch", "k": 3, "epochs": 1, "batch_size": 100, "n_genes": 60, "cluster": False, "copy": True}
+    expected = integrate(ad.read_zarr(tmp_path / "in.zarr"), **kwargs)
+    got = integrate(lazy, **kwargs)
+    np.testing.assert_array_equal(got.obsm["X_inmf"], expected.obsm["X_inmf"])
+    np.testing.assert_array_equal(got.varm["W_inmf"], expected.varm["W_inmf"])
