@@ -92,7 +92,7 @@ def _fit_args(extra=()):
     return args
 
 
-COUNT_KINDS = ["h5ad-csr", "h5ad-csc", "h5ad-dense", "h5ad-layer", "h5ad-raw", "10x-v3", "10x-v2", "zarr-csr"]
+COUNT_KINDS = ["h5ad-csr", "h5ad-csc", "h5ad-dense", "h5ad-layer", "h5ad-raw", "10x-v3", "10x-v2", "zarr-csr", "zarr-dense"]
 MODEL_KINDS = ["model", "checkpoint"]
 KINDS = COUNT_KINDS + MODEL_KINDS
 
@@ -131,14 +131,15 @@ def make_inputs(folder: Path, kinds=None) -> dict[str, Input]:
         path = folder / f"10x-v{version}.h5"
         _write_tenx(path, adata, version)
         inputs[f"10x-v{version}"] = Input(path, _fit_args(), "matrix" if version == 3 else "GRCh38")
-    if "zarr-csr" in wanted:
-        import warnings
+    for kind, a in (("zarr-csr", adata), ("zarr-dense", dense)):
+        if kind in wanted:
+            import warnings
 
-        path = folder / "zarr-csr.zarr"
-        with warnings.catch_warnings():  # anndata's note on the zarr format version it writes
-            warnings.simplefilter("ignore")
-            adata.write_zarr(path)
-        inputs["zarr-csr"] = Input(path, _fit_args(["--batch-key", "batch"]), "X")
+            path = folder / f"{kind}.zarr"
+            with warnings.catch_warnings():  # anndata's note on the zarr format version it writes
+                warnings.simplefilter("ignore")
+                a.write_zarr(path)
+            inputs[kind] = Input(path, _fit_args(key), "X")
     if wanted & set(MODEL_KINDS):
         inputs.update(_model_inputs(folder, adata))
     return {kind: value for kind, value in inputs.items() if kind in wanted}

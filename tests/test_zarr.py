@@ -4,6 +4,7 @@ import warnings
 
 import anndata as ad
 import numpy as np
+import pandas as pd
 import pytest
 import scipy.sparse as sp
 
@@ -97,3 +98,47 @@ def test_cli_fit_on_a_store_equals_fit_on_the_h5ad(stores, tmp_path):
     np.testing.assert_array_equal(x.obs_names, y.obs_names)
     np.testing.assert_array_equal(x.obs[_keys.OBS_DATASET], y.obs[_keys.OBS_DATASET])
     np.testing.assert_array_equal(x.obsm[_keys.OBSM_H], y.obsm[_keys.OBSM_H])
+
+
+def test_damaged_stores_are_refused_in_one_line_and_a_damaged_unused_column_left_out(tmp_path, caplog):
+    import shutil
+
+    import zarr
+
+    from onlinemf.readers import read_obs
+
+    adata = ad.AnnData(sp.random(20, 10, density=0.3, format="csr", dtype=np.float32, random_state=0))
+    adata.obs["batch"] = pd.Categorical(["a"] * 10 + ["b"] * 10)
+    adata.obs["label"] = pd.Categorical(["x", "y"] * 10)
+    write_zarr(adata, tmp_path / "ok.zarr")
+
+    def damaged(name, edit):
+        path = tmp_path / f"{name}.zarr"
+        shutil.copytree(tmp_path / "ok.zarr", path)
+        edit(zarr.open_group(str(path), mode="r+"))
+        zarr.consolidate_metadata(str(path))
+        return path
+
+    def set_codes(column, value):
+        def edit(root):
+            codes = root[f"obs/{column}/codes"]
+            codes[0] = value
+        return edit
+
+    for name, edit, match in [
+        ("no_indptr", lambda root: root["X"].__delitem__("indptr"), "expected a 1-D integer array X/indptr, found none"),
+        ("no_shape", lambda root: root["X"].attrs.__delitem__("shape"), r"expected X@shape to be two non-negative"),
+        ("short_indices", lambda root: root["X"].create_array("indices", data=np.zeros(1, np.int32), overwrite=True),
+         "expected X/data and X/indices of the same length"),
+        ("bad_batch", set_codes("batch", 5), r"could not read obs/batch: codes need to be between"),
+    ]:
+        with pytest.raises(InputError, match=match) as info:
+            open_zarr_sources(damaged(name, edit), batch_key="batch")
+        assert "\n" not in str(info.value)
+    path = damaged("bad_label", set_codes("label", 5))
+    assert [s.n_cells for s in open_zarr_sources(path, batch_key="batch")] == [10, 10]
+    with caplog.at_level("WARNING"):
+        obs = read_obs(path)
+    assert list(obs.columns) == ["batch"]
+    np.testing.assert_array_equal(obs.index, adata.obs_names)
+    assert "obs/label" in caplog.text and "left out" in caplog.text

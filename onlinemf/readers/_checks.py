@@ -11,6 +11,8 @@ stored values (indices within range, finite non-negative counts) are made block 
 
 from __future__ import annotations
 
+import sys
+
 import h5py
 import numpy as np
 
@@ -19,13 +21,31 @@ from .._errors import InputError
 _KINDS = {
     "numeric": ("numeric", "biuf"),
     "integer": ("integer", "iu"),
-    "string": ("string", "SUO"),
-    "names": ("string or integer", "SUOiu"),
+    "string": ("string", "SUOT"),  # T: numpy's variable-width strings, as zarr v3 reads them
+    "names": ("string or integer", "SUOTiu"),
 }
 
 
+def _is_zarr(item, kind: str) -> bool:
+    # zarr groups and arrays are checked like h5py's (same .get/.shape/.dtype/.ndim/slicing); zarr is optional,
+    # and an object can only be a zarr one if zarr is already imported
+    zarr = sys.modules.get("zarr")
+    return zarr is not None and isinstance(item, getattr(zarr, kind))
+
+
+def _is_group(item) -> bool:
+    return isinstance(item, h5py.Group) or _is_zarr(item, "Group")
+
+
+def _is_array(item) -> bool:
+    return isinstance(item, h5py.Dataset) or _is_zarr(item, "Array")
+
+
 def _path(node) -> str:
-    return node.file.filename
+    if isinstance(node, h5py.HLObject):
+        return node.file.filename
+    store = node.store
+    return str(getattr(store, "root", store))  # a zarr LocalStore's folder
 
 
 def _name(node, key: str | None = None) -> str:
@@ -41,7 +61,7 @@ def dtype_kind(dataset: h5py.Dataset) -> str:
 def require_group(parent: h5py.Group, key: str) -> h5py.Group:
     """``parent[key]`` if it is a group; else :class:`InputError` naming what was found."""
     item = parent.get(key)
-    if not isinstance(item, h5py.Group):
+    if not _is_group(item):
         found = "none" if item is None else "a dataset"
         msg = f"{_path(parent)}: expected a group {_name(parent, key)}, found {found}"
         raise InputError(msg)
@@ -53,7 +73,7 @@ def require_array(parent: h5py.Group, key: str, kind: str, *, ndim: int = 1) -> 
     item = parent.get(key)
     what, kinds = _KINDS[kind]
     where = _name(parent, key)
-    if not isinstance(item, h5py.Dataset):
+    if not _is_array(item):
         found = "none" if item is None else "a group"
         msg = f"{_path(parent)}: expected a {ndim}-D {what} array {where}, found {found}"
         raise InputError(msg)
@@ -69,7 +89,7 @@ def require_array(parent: h5py.Group, key: str, kind: str, *, ndim: int = 1) -> 
 def string_array_length(parent: h5py.Group, key: str, kind: str = "names") -> int:
     """Length of a 1-D name array: a dataset, or anndata's nullable-string-array group (``values``, ``mask``)."""
     item = parent.get(key)
-    if isinstance(item, h5py.Group) and "values" in item:
+    if _is_group(item) and "values" in item:
         return require_array(item, "values", kind).shape[0]
     return require_array(parent, key, kind).shape[0]
 
@@ -112,7 +132,7 @@ def check_compressed(group: h5py.Group, n_major: int, major: str) -> np.ndarray:
         msg = f"{path}: expected {name}/data and {name}/indices of the same length, found {data.shape[0]} and {indices.shape[0]}"
         raise InputError(msg)
     try:
-        indptr = np.asarray(pointers[()]).astype(np.int64)  # uint64 beyond int64 wraps negative: refused below
+        indptr = np.asarray(pointers[:]).astype(np.int64)  # uint64 beyond int64 wraps negative: refused below
     except OSError as exc:
         msg = f"{path}: could not read {name}/indptr (damaged or truncated file?): {exc}"
         raise InputError(msg) from None

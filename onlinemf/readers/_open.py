@@ -158,7 +158,7 @@ def read_obs(path) -> pd.DataFrame:
 
     The cell names must be readable; a column that cannot be read (damaged, of another length, codes outside
     their categories, an encoding this anndata does not know) is left out with a one-line warning naming it:
-    a run never fails for a column it does not use. A zarr store's obs is read whole by anndata.
+    a run never fails for a column it does not use. A zarr store is read the same way (:func:`zarr_read_obs`).
     """
     if is_zarr_store(path):
         return zarr_read_obs(path)

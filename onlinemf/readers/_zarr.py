@@ -17,7 +17,8 @@ import scipy.sparse as sp
 
 from .._errors import InputError
 from .._source import Source, check_range
-from ._h5 import duplicates
+from ._checks import check_compressed, read_shape, string_array_length
+from ._h5 import duplicates, failure_reason
 from ._h5ad import check_numeric, check_rows
 from ._rows import CsrRows, DenseRows, read_checked_rows
 
@@ -42,13 +43,75 @@ def _open_group(path: Path):
 
 
 def _read_elem(root, key: str, path: Path):
+    """``anndata.io.read_elem`` of one element; any failure of a damaged element is an :class:`InputError` naming it."""
+    import warnings
+
     from anndata.io import read_elem
 
     try:
-        return read_elem(root[key])
+        element = root[key]
     except KeyError:
         msg = f"{path}: expected an element {key!r} in the store, found none"
         raise InputError(msg) from None
+    try:
+        with warnings.catch_warnings():  # e.g. anndata's OldFormatWarning: nothing the user must act on here
+            warnings.simplefilter("ignore")
+            return read_elem(element)
+    except MemoryError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a damaged element fails in zarr, numpy, pandas or anndata, in many ways
+        msg = f"{path}: could not read {key}: {failure_reason(exc, root, key)}"
+        raise InputError(msg) from None
+
+
+def _index_key(root, frame: str, path: Path) -> str:
+    """Where the index of dataframe ``frame`` ("obs" or "var") is stored, e.g. ``"obs/_index"``."""
+    group = root.get(frame)
+    if group is None or not hasattr(group, "members"):
+        msg = f"{path}: expected a dataframe group {frame!r} in the store, found {'none' if group is None else 'an array'}"
+        raise InputError(msg)
+    name = group.attrs.get("_index", "_index")
+    if not isinstance(name, str) or not name:
+        msg = f"{path}: expected the attribute {frame}@_index to name the index array, found {name!r}"
+        raise InputError(msg)
+    return f"{frame}/{name}"
+
+
+def _read_names(root, frame: str, n_expected: int | None, path: Path) -> np.ndarray:
+    """The index of ``frame`` ("obs": cell names, "var": gene names) as strings, checked 1-D of ``n_expected``."""
+    key = _index_key(root, frame, path)
+    names = _read_elem(root, key, path)
+    if np.ndim(names) != 1 or (n_expected is not None and len(names) != n_expected):
+        msg = f"{path}: expected {n_expected or 'a 1-D array of'} names in {key}, found shape {np.shape(names)}"
+        raise InputError(msg)
+    return _strings(names)
+
+
+def _n_names(root, frame: str, path: Path) -> int:
+    """Length of the index of ``frame``, from its metadata (nothing read)."""
+    key = _index_key(root, frame, path)
+    parent, _, name = key.rpartition("/")
+    return int(string_array_length(root[parent], name))
+
+
+def _read_column(root, column: str, n_rows: int, path: Path):
+    """One obs column as anndata reads it, checked 1-D with one value per cell."""
+    values = _read_elem(root, f"obs/{column}", path)
+    if np.ndim(values) != 1 or len(values) != n_rows:
+        msg = f"{path}: expected obs column {column!r} to hold {n_rows} values (one per cell), found shape {np.shape(values)}"
+        raise InputError(msg)
+    return values
+
+
+def _obs_columns(root) -> list[str]:
+    obs = root.get("obs")
+    if obs is None or not hasattr(obs, "members"):
+        return []
+    order = obs.attrs.get("column-order")
+    if isinstance(order, list) and all(isinstance(c, str) for c in order):
+        return order  # anndata's column order; a listed column that is missing fails when read
+    index = obs.attrs.get("_index", "_index")
+    return sorted(str(k) for k in obs if k != index)
 
 
 def _strings(values) -> np.ndarray:
@@ -92,15 +155,18 @@ class ZarrSource(Source):
         self._reader: CsrRows | DenseRows
         shape: tuple[int, ...]
         if encoding == "csr_matrix":
-            shape = tuple(int(n) for n in element.attrs["shape"])
-            check_numeric(element["data"].dtype, self._label)
-            indptr = np.asarray(element["indptr"][:], dtype=np.int64)
-            if indptr.size != shape[0] + 1 or indptr[0] != 0 or np.any(np.diff(indptr) < 0) \
-                    or indptr[-1] != element["data"].shape[0]:
-                msg = f"{self._label}: expected an indptr of {shape[0] + 1} non-decreasing offsets up to nnz, found otherwise"
+            # the .h5ad reader's structural checks (readers/_checks.py), on zarr arrays: metadata and indptr only
+            if not hasattr(element, "members"):
+                msg = f"{self._label}: expected a group (encoding-type 'csr_matrix'), found an array"
                 raise InputError(msg)
-            self._reader = CsrRows(element["data"], element["indices"], indptr, (shape[0], shape[1]))
+            shape = read_shape(element.attrs.get("shape"), str(self.path), f"{key}@shape")
+            indptr = check_compressed(element, shape[0], "rows")
+            check_numeric(element["data"].dtype, self._label)
+            self._reader = CsrRows(element["data"], element["indices"], indptr, shape)
         elif encoding == "array":
+            if hasattr(element, "members"):
+                msg = f"{self._label}: expected a dense array (encoding-type 'array'), found a group"
+                raise InputError(msg)
             shape = tuple(int(n) for n in element.shape)
             check_numeric(element.dtype, self._label)
             self._reader = DenseRows(element)
@@ -110,9 +176,10 @@ class ZarrSource(Source):
         if len(shape) != 2 or shape[0] == 0 or shape[1] == 0:
             msg = f"{self._label}: expected a non-empty 2-D matrix, found shape {shape}"
             raise InputError(msg)
-        self._var = _strings(_read_elem(root, "var", self.path).index)
-        if len(self._var) != shape[1]:
-            msg = f"{self._label}: expected {shape[1]} var names, found {len(self._var)}"
+        self._var = _read_names(root, "var", shape[1], self.path)
+        n_obs = _n_names(root, "obs", self.path)
+        if n_obs != shape[0]:
+            msg = f"{self._label}: expected {shape[0]} cell names in obs (one per row), found {n_obs}"
             raise InputError(msg)
         dups = duplicates(self._var)
         if dups:
@@ -137,7 +204,7 @@ class ZarrSource(Source):
     @property
     def obs_names(self) -> np.ndarray:
         if self._obs is None:
-            names = _strings(_read_elem(self._root, "obs/_index", self.path))
+            names = _read_names(self._root, "obs", self._n_file_rows, self.path)
             self._obs = names if self._rows is None else names[self._rows]
         return self._obs
 
@@ -155,11 +222,11 @@ def zarr_batch_rows(path, batch_key: str) -> list[tuple[str, np.ndarray]]:
     """``(category, sorted store rows)`` for each category of ``obs[batch_key]`` with cells, in category order."""
     path = Path(path)
     root = _open_group(path)
-    columns = [k for k in root["obs"] if k != "_index"] if "obs" in root else []
+    columns = _obs_columns(root)
     if batch_key not in columns:
         msg = f"{path}: unknown batch key {batch_key!r}; obs columns are: {', '.join(sorted(columns)) or 'none'}"
         raise InputError(msg)
-    column = _read_elem(root, f"obs/{batch_key}", path)
+    column = _read_column(root, batch_key, _n_names(root, "obs", path), path)
     column = column if isinstance(column, pd.Categorical) else pd.Categorical(np.asarray(column))
     codes = np.asarray(column.codes)
     if (codes < 0).any():
@@ -191,20 +258,28 @@ def is_zarr_store(path) -> bool:
 
 def zarr_n_obs(path) -> int:
     """Rows of a store's obs (its cells), from the obs index's length (nothing else read)."""
-    root = _open_group(Path(path))
-    try:
-        return int(root["obs"]["_index"].shape[0])
-    except KeyError:
-        msg = f"{path}: expected an obs index (obs/_index) in the store, found none"
-        raise InputError(msg) from None
+    path = Path(path)
+    return _n_names(_open_group(path), "obs", path)
 
 
 def zarr_read_obs(path) -> pd.DataFrame:
-    """The store's ``obs`` dataframe (never X), index as strings."""
+    """The store's ``obs`` dataframe (never X), index as strings.
+
+    As :func:`onlinemf.readers.read_obs` for an ``.h5ad``: the cell names must be readable; a column that
+    cannot be read (damaged, of another length, codes outside their categories, an encoding this anndata does
+    not know) is left out with a one-line warning naming it.
+    """
     path = Path(path)
-    obs = _read_elem(_open_group(path), "obs", path)
-    obs.index = _strings(obs.index)
-    return obs
+    root = _open_group(path)
+    index = _read_names(root, "obs", None, path)
+    index_name = root["obs"].attrs.get("_index", "_index")
+    columns = {}
+    for column in _obs_columns(root):
+        try:
+            columns[column] = _read_column(root, column, len(index), path)
+        except InputError as err:
+            logger.warning("%s (left out of the results)", err)
+    return pd.DataFrame(columns, index=pd.Index(index, name=None if index_name == "_index" else str(index_name)))
 
 
 def zarr_describe(path) -> dict:
