@@ -1,6 +1,7 @@
 """Input fuzzer: every HDF5 object of every input kind, mutated one at a time, through the CLI.
 
 Each input kind (``.h5ad`` with a CSR, CSC or dense X, with the counts in a layer or in raw; 10x v3 and v2;
+AnnData ``.zarr`` stores with a CSR or dense X, whose zarr groups and arrays are mutated the same way;
 model files; fit checkpoints) starts from a small valid file. Every group, dataset and attribute of it is then
 mutated in turn (deleted, emptied, truncated to one element, retyped to strings or to a scalar, given
 out-of-range values, duplicated names or a lying shape), and ``onlinemf`` is run on the mutant in-process with

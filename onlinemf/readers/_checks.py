@@ -7,6 +7,8 @@ the declared shape and with each other, and name arrays have the lengths the sha
 metadata and the pointer array only (one integer per cell or gene); the checks that cost a pass over the
 stored values (indices within range, finite non-negative counts) are made block by block as the data are read
 (:func:`onlinemf._source.check_indices`, :func:`onlinemf._source.check_values`).
+
+The checks take h5py groups and datasets, or zarr groups and arrays (an AnnData ``.zarr`` store, :mod:`._zarr`).
 """
 
 from __future__ import annotations

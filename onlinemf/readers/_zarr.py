@@ -288,23 +288,25 @@ def zarr_describe(path) -> dict:
     root = _open_group(path)
     element = root.get("X")
     if element is None:
-        n_cells, n_genes, encoding, dtype = zarr_n_obs(path), len(_read_elem(root, "var", path)), None, None
-    elif element.attrs.get("encoding-type") == "csr_matrix":
-        n_cells, n_genes = (int(n) for n in element.attrs["shape"])
-        encoding, dtype = "csr", str(element["data"].dtype)
-    elif element.attrs.get("encoding-type") == "csc_matrix":
-        n_cells, n_genes = (int(n) for n in element.attrs["shape"])
-        encoding, dtype = "csc", str(element["data"].dtype)
+        n_cells, n_genes, encoding, dtype = zarr_n_obs(path), _n_names(root, "var", path), None, None
+    elif element.attrs.get("encoding-type") in ("csr_matrix", "csc_matrix"):
+        n_cells, n_genes = read_shape(element.attrs.get("shape"), str(path), "X@shape")
+        data = element.get("data") if hasattr(element, "members") else None
+        encoding, dtype = element.attrs["encoding-type"][:3], None if data is None else str(data.dtype)
+    elif hasattr(element, "members"):
+        msg = f"{path}: expected X to be a CSR, CSC or dense matrix, found a group of encoding {element.attrs.get('encoding-type')!r}"
+        raise InputError(msg)
     else:
-        n_cells, n_genes = (int(n) for n in element.shape)
+        n_cells, n_genes = (int(n) for n in element.shape) if element.ndim == 2 else (element.shape[0], 0)
         encoding, dtype = "dense", str(element.dtype)
     obs_columns: dict = {}
-    for column in (k for k in root["obs"] if k != "_index") if "obs" in root else ():
+    for column in _obs_columns(root):
         try:
             values = _read_elem(root, f"obs/{column}", path)
-        except Exception:  # noqa: BLE001, S112 - an unreadable column is simply not a batch-key candidate
+        except InputError:  # an unreadable column is simply not a batch-key candidate
             continue
         obs_columns[column] = len(values.categories) if isinstance(values, pd.Categorical) else None
+    layers = root.get("layers")
     return {"format": "zarr", "n_cells": int(n_cells), "n_genes": int(n_genes), "encoding": encoding, "dtype": dtype,
-            "layers": sorted(root["layers"]) if "layers" in root else [], "has_raw": False,
+            "layers": sorted(layers) if layers is not None and hasattr(layers, "members") else [], "has_raw": False,
             "obs_columns": obs_columns, "genomes": []}
