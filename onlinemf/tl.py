@@ -16,7 +16,7 @@ from .preprocess import prepare
 from .readers import MemorySource
 
 if TYPE_CHECKING:
-    from collections.abc import Sequence
+    from collections.abc import Callable, Sequence
 
     from anndata import AnnData
 
@@ -33,7 +33,7 @@ def _split(adata: AnnData, batch_key: str | None, layer: str | None) -> tuple[li
         msg = "adata.X is empty; pass layer= to read counts from a layer"
         raise InputError(msg)
     # A dask X (a lazy AnnData) is read block by block; MemorySource would compute all of it.
-    make_source = DaskArraySource if is_dask_array(X) else MemorySource
+    make_source: Callable[..., Source] = DaskArraySource if is_dask_array(X) else MemorySource
     if batch_key is None:
         return [make_source(X, name="dataset", var_names=adata.var_names, obs_names=adata.obs_names)], [np.arange(adata.n_obs)]
     if batch_key not in adata.obs:
@@ -46,7 +46,8 @@ def _split(adata: AnnData, batch_key: str | None, layer: str | None) -> tuple[li
         raise InputError(msg)
     cats = labels.cat.categories if isinstance(labels.dtype, pd.CategoricalDtype) else pd.unique(labels.astype(str))
     values = labels.astype(str).to_numpy()
-    sources, rows = [], []
+    sources: list[Source] = []
+    rows: list[np.ndarray] = []
     for cat in cats:
         idx = np.flatnonzero(values == str(cat))
         if len(idx) == 0:
