@@ -16,7 +16,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from ._errors import InputError
-from ._source import Source, check_indices, check_range, check_values
+from ._source import Source, check_indices, check_range, check_values, matrix_names
 
 
 def is_dask_array(X: Any) -> bool:
@@ -55,13 +55,8 @@ class DaskArraySource(Source):
             msg = f"{self.name}: expected a dask array of known shape, found {X.shape} (call X.compute_chunk_sizes())"
             raise InputError(msg)
         self._X = X
-        n, m = (int(c) for c in X.shape)
         self.placeholder_genes = var_names is None
-        self._var = np.asarray(var_names if var_names is not None else [f"gene{i}" for i in range(m)], dtype=object).astype(str)
-        self._obs = np.asarray(obs_names if obs_names is not None else [f"{self.name}_{i}" for i in range(n)], dtype=object).astype(str)
-        if len(self._var) != m or len(self._obs) != n:
-            msg = f"{self.name}: names do not match the matrix shape {(n, m)}"
-            raise InputError(msg)
+        self._obs, self._var = matrix_names(self.name, X.shape, obs_names, var_names)
 
     @property
     def n_cells(self) -> int:

@@ -103,13 +103,8 @@ class MemorySource(Source):
         X = as_matrix(X, name, check=check)
         self._X = X
         self.name = str(name)
-        n, m = X.shape
         self.placeholder_genes = var_names is None
-        self._var = np.asarray(var_names if var_names is not None else [f"gene{i}" for i in range(m)], dtype=object).astype(str)
-        self._obs = np.asarray(obs_names if obs_names is not None else [f"{self.name}_{i}" for i in range(n)], dtype=object).astype(str)
-        if len(self._var) != m or len(self._obs) != n:
-            msg = f"{name}: names do not match the matrix shape {X.shape}"
-            raise InputError(msg)
+        self._obs, self._var = matrix_names(self.name, X.shape, obs_names, var_names)
 
     @property
     def n_cells(self) -> int:
@@ -136,6 +131,17 @@ class MemorySource(Source):
         for a, b in ranges:
             check_range(self, a, b)
         return [CsrRowRange(self._X, int(a), int(b)) for a, b in ranges]
+
+
+def matrix_names(name: str, shape: tuple[int, int], obs_names, var_names) -> tuple[np.ndarray, np.ndarray]:
+    """Cell and gene names of an in-memory matrix as str arrays (placeholders where None), checked against its shape."""
+    n, m = (int(c) for c in shape)
+    obs = np.asarray(obs_names if obs_names is not None else [f"{name}_{i}" for i in range(n)], dtype=object).astype(str)
+    var = np.asarray(var_names if var_names is not None else [f"gene{i}" for i in range(m)], dtype=object).astype(str)
+    if len(var) != m or len(obs) != n:
+        msg = f"{name}: names do not match the matrix shape {(n, m)}"
+        raise InputError(msg)
+    return obs, var
 
 
 def csr_rows(X: sp.csr_matrix, start: int, stop: int) -> sp.csr_matrix:

@@ -4,6 +4,7 @@ string and obs-column decoding across anndata on-disk layouts (0.6 to 0.13), uni
 from __future__ import annotations
 
 import collections
+import logging
 from pathlib import Path
 
 import h5py
@@ -12,6 +13,8 @@ import pandas as pd
 
 from .._errors import InputError
 from ._checks import string_array_length
+
+logger = logging.getLogger("onlinemf.readers")
 
 FORMATS = ("h5ad", "10x-v3", "10x-v2")
 
@@ -276,3 +279,21 @@ def duplicates(names: np.ndarray, n: int = 5) -> list[str]:
     """Up to ``n`` names that occur more than once, in first-seen order."""
     index = pd.Index(names)
     return list(dict.fromkeys(index[index.duplicated()].tolist()))[:n]
+
+
+def category_rows(column, path, batch_key: str) -> list[tuple[str, np.ndarray]]:
+    """``(category, sorted rows)`` of each category of a batch column with cells, in category order.
+
+    Cells without a value are left out with a warning; fewer than 2 categories with cells is an InputError.
+    """
+    column = column if isinstance(column, pd.Categorical) else pd.Categorical(np.asarray(column))
+    codes = np.asarray(column.codes)
+    if (codes < 0).any():
+        logger.warning("%s: %d cells with a missing %r are left out", path, int((codes < 0).sum()), batch_key)
+    present = [(str(cat), np.flatnonzero(codes == i)) for i, cat in enumerate(column.categories)]
+    present = [(cat, rows) for cat, rows in present if len(rows)]
+    if len(present) < 2:
+        found = present[0][0] if present else "none"
+        msg = f"{path}: expected batch key {batch_key!r} to have at least 2 categories with cells, found one ({found})"
+        raise InputError(msg)
+    return present

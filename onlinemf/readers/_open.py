@@ -17,6 +17,7 @@ from .._errors import InputError
 from .._source import MemorySource, Source
 from ._checks import read_shape, require_array
 from ._h5 import (
+    category_rows,
     dataframe_columns,
     detect_format,
     duplicates,
@@ -89,18 +90,7 @@ def batch_rows(path, batch_key: str) -> list[tuple[str, np.ndarray]]:
             msg = f"{path}: unknown batch key {batch_key!r}; obs columns are: {', '.join(columns) or 'none'}"
             raise InputError(msg)
         column = read_column(h5, batch_key, n_rows=index_length(h5, "obs"))
-    if not isinstance(column, pd.Categorical):
-        column = pd.Categorical(column)
-    codes = np.asarray(column.codes)
-    if (codes < 0).any():
-        logger.warning("%s: %d cells with a missing %r are left out", path, int((codes < 0).sum()), batch_key)
-    present = [(str(cat), np.flatnonzero(codes == i)) for i, cat in enumerate(column.categories)]
-    present = [(cat, rows) for cat, rows in present if len(rows)]
-    if len(present) < 2:
-        found = present[0][0] if present else "none"
-        msg = f"{path}: expected batch key {batch_key!r} to have at least 2 categories with cells, found one ({found})"
-        raise InputError(msg)
-    return present
+    return category_rows(column, path, batch_key)
 
 
 def open_sources(paths, *, batch_key=None, layer=None, use_raw=False, genome=None, tmp_dir=None, progress=None) -> list[Source]:

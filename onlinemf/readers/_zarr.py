@@ -18,7 +18,7 @@ import scipy.sparse as sp
 from .._errors import InputError
 from .._source import Source, check_range
 from ._checks import check_compressed, read_shape, string_array_length
-from ._h5 import duplicates, failure_reason
+from ._h5 import category_rows, duplicates, failure_reason
 from ._h5ad import check_numeric, check_rows
 from ._rows import CsrRows, DenseRows, read_checked_rows
 
@@ -227,16 +227,7 @@ def zarr_batch_rows(path, batch_key: str) -> list[tuple[str, np.ndarray]]:
         msg = f"{path}: unknown batch key {batch_key!r}; obs columns are: {', '.join(sorted(columns)) or 'none'}"
         raise InputError(msg)
     column = _read_column(root, batch_key, _n_names(root, "obs", path), path)
-    column = column if isinstance(column, pd.Categorical) else pd.Categorical(np.asarray(column))
-    codes = np.asarray(column.codes)
-    if (codes < 0).any():
-        logger.warning("%s: %d cells with a missing %r are left out", path, int((codes < 0).sum()), batch_key)
-    present = [(str(cat), np.flatnonzero(codes == i)) for i, cat in enumerate(column.categories)]
-    present = [(cat, rows) for cat, rows in present if len(rows)]
-    if len(present) < 2:
-        msg = f"{path}: expected batch key {batch_key!r} to have at least 2 categories with cells, found {len(present)}"
-        raise InputError(msg)
-    return present
+    return category_rows(column, path, batch_key)
 
 
 def open_zarr_sources(path, *, batch_key: str | None = None, layer: str | None = None, name: str | None = None,
