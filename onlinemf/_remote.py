@@ -12,22 +12,26 @@ No Dask import here: the client side is :mod:`onlinemf._dask`.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import threading
 import uuid
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from ._blockmath import block_statistics
 from ._errors import InputError
 from ._prepared import PreparedSource
 from ._rowrange import CsrRowRange
 from ._source import Source
-from .readers import H5adSource, TenxH5Source, ZarrSource
+from .readers import H5adSource, TenxH5Source, ZarrSource, split_groups
+
+logger = logging.getLogger("onlinemf.dask")
 
 #: Open sources a worker process keeps (least recently used closed first).
 WORKER_OPEN_SOURCES = 32
@@ -35,6 +39,12 @@ WORKER_OPEN_SOURCES = 32
 #: the local pipeline's "auto" cache): reading a unit's rows from a compressed file costs more than computing it
 #: (Kang, 1024 rows from gzip: ~240 ms against ~10 ms of compute). Larger datasets are read from the file.
 WORKER_MEMORY_CACHE_CELLS = 200_000
+#: Bytes of prepared data a worker process keeps in memory, all datasets together. None: half the Dask worker's
+#: memory limit, or :data:`DEFAULT_WORKER_CACHE_BYTES` for a worker without one. Over it, the least recently used
+#: cached datasets are closed after a task, and from then on read from the file on that worker (rebuilding a
+#: dataset's cache would cost a pass over it per task). Peak: the cap plus the cache built by the current task.
+WORKER_CACHE_BYTES: int | None = None
+DEFAULT_WORKER_CACHE_BYTES = 4 << 30
 
 
 # ----------------------------------------------------------------------------- descriptions
@@ -92,6 +102,12 @@ class _OwningPrepared(PreparedSource):
         super().close()
         self.source.close()
 
+    @property
+    def cached_nbytes(self) -> int:
+        """Bytes of the memory cache once built (values, column indices, row pointers); 0 otherwise."""
+        X = getattr(self._cache, "_X", None)  # the memory cache's CSR matrix; a disk cache or none has no _X
+        return 0 if X is None else int(X.data.nbytes + X.indices.nbytes + X.indptr.nbytes)
+
 
 def describe(source: Source) -> SourceSpec:
     """The :class:`SourceSpec` of a source read from a file (h5ad or 10x), prepared or not.
@@ -131,6 +147,58 @@ def describe(source: Source) -> SourceSpec:
 
 
 @dataclass(frozen=True)
+class StatsChunk:
+    """One task of the distributed statistics pass: file rows ``start:stop`` of ``spec`` (raw counts) and where
+    each part of them goes.
+
+    ``owner`` is None when the rows are all one dataset's; for batch splits of one ``.h5ad`` matrix (``spec`` then
+    exposes the union of their rows), ``owner[j]`` is the position in the group of the split that row j belongs
+    to. ``parts`` lists ``(dataset position, first row, end row)`` in the order :func:`chunk_statistics` returns
+    them: the blocks the local pass (:func:`onlinemf.readers.iter_split_blocks`) hands to each dataset. The
+    rows of ``spec`` are the same blocks' rows, read the same way, so the worker's sums equal the local ones.
+    """
+
+    spec: SourceSpec
+    start: int
+    stop: int
+    owner: np.ndarray | None
+    parts: tuple[tuple[int, int, int], ...]
+
+
+def stats_chunks(sources: list[Source], block_size: int) -> list[StatsChunk]:
+    """The local statistics pass's blocks (``preprocess._stats_pass``) as worker tasks, in the pass's order."""
+    chunks = []
+    for group in split_groups(sources):
+        members = [sources[g] for g in group]
+        if len(members) == 1:
+            spec, n = describe(members[0]), members[0].n_cells
+            for a in range(0, n, block_size):
+                b = min(a + block_size, n)
+                chunks.append(StatsChunk(spec, a, b, None, ((group[0], a, b),)))
+            continue
+        # as iter_split_blocks: the union of the splits' rows in file order, cut into blocks of block_size
+        specs = [describe(m) for m in members]
+        union = np.concatenate([m.rows for m in members])  # type: ignore[attr-defined]  # splits are H5adSources
+        owner = np.repeat(np.arange(len(members), dtype=np.int32), [m.n_cells for m in members])
+        order = np.argsort(union, kind="stable")
+        union, owner = union[order], owner[order]
+        digest = hashlib.sha256("|".join(sp_.token for sp_ in specs).encode()).hexdigest()[:32]
+        spec = SourceSpec(token=digest, name=f"{Path(specs[0].path).name} (all batches)", kind=specs[0].kind,
+                          path=specs[0].path, options={**specs[0].options, "rows": union})
+        done = np.zeros(len(members), dtype=np.int64)
+        for lo in range(0, union.size, block_size):
+            hi = min(lo + block_size, union.size)
+            own = owner[lo:hi]
+            parts = []
+            for i in np.unique(own):
+                n = int(np.count_nonzero(own == i))
+                parts.append((group[int(i)], int(done[i]), int(done[i]) + n))
+                done[i] += n
+            chunks.append(StatsChunk(spec, lo, hi, own, tuple(parts)))
+    return chunks
+
+
+@dataclass(frozen=True)
 class RowsRef:
     """Rows ``start:stop`` of a described dataset, in the working ``dtype``: a block of a mini-batch that a
     worker reads itself. Has the ``shape`` of the block it stands for."""
@@ -155,6 +223,8 @@ class RowsRef:
 _open_sources: OrderedDict[str, Source] = OrderedDict()
 _open_lock = threading.Lock()
 _blas_pinned = False
+_in_use: Counter[str] = Counter()  # tokens of the sources that running tasks read (never closed under them)
+_uncached: set[str] = set()  # tokens dropped for the byte cap: opened without a memory cache from then on
 
 
 def _worker_label() -> str:
@@ -180,6 +250,8 @@ def worker_source(spec: SourceSpec) -> Source:
         if source is not None:
             _open_sources.move_to_end(spec.token)
             return source
+        if spec.token in _uncached:
+            spec = replace(spec, cache=None)
         if not os.path.exists(spec.path):
             msg = (f"{spec.name}: {_worker_label()} cannot see the input {spec.path} (no such file there): the input "
                    "must be on storage every worker reaches at the same path")
@@ -190,9 +262,60 @@ def worker_source(spec: SourceSpec) -> Source:
             msg = f"{spec.name}: {_worker_label()} cannot read the input {spec.path}: {exc}"
             raise InputError(msg) from None
         _open_sources[spec.token] = source
-        while len(_open_sources) > WORKER_OPEN_SOURCES:
-            _open_sources.popitem(last=False)[1].close()
+        idle = [t for t in _open_sources if not _in_use[t] and t != spec.token]
+        for token in idle[:max(0, len(_open_sources) - WORKER_OPEN_SOURCES)]:
+            _open_sources.pop(token).close()
         return source
+
+
+def worker_cache_limit() -> int:
+    """The byte cap on this worker's memory caches (:data:`WORKER_CACHE_BYTES`)."""
+    if WORKER_CACHE_BYTES is not None:
+        return int(WORKER_CACHE_BYTES)
+    try:
+        from distributed import get_worker
+
+        limit = get_worker().memory_manager.memory_limit
+    except (ImportError, ValueError, AttributeError):
+        limit = None
+    return int(limit) // 2 if limit else DEFAULT_WORKER_CACHE_BYTES
+
+
+def set_worker_cache_bytes(limit: int | None) -> None:
+    """Set :data:`WORKER_CACHE_BYTES` in this process: ``client.run(set_worker_cache_bytes, 2 << 30)`` sets it on
+    every worker of a cluster (None: the default)."""
+    global WORKER_CACHE_BYTES
+    WORKER_CACHE_BYTES = None if limit is None else int(limit)
+    with _open_lock:
+        _trim_caches()
+
+
+def _cached_nbytes(source: Source) -> int:
+    return source.cached_nbytes if isinstance(source, _OwningPrepared) else 0
+
+
+def worker_cache_bytes() -> int:
+    """Bytes of prepared data this worker process holds in memory now (all open datasets)."""
+    with _open_lock:
+        return sum(_cached_nbytes(s) for s in _open_sources.values())
+
+
+def _trim_caches() -> None:
+    """Close the least recently used cached datasets not in use until the caches fit the cap (hold _open_lock)."""
+    limit = worker_cache_limit()
+    sizes = {token: _cached_nbytes(source) for token, source in _open_sources.items()}
+    total = sum(sizes.values())
+    for token, size in sizes.items():  # least recently used first
+        if total <= limit:
+            break
+        if size and not _in_use[token]:
+            source = _open_sources.pop(token)
+            _uncached.add(token)
+            logger.warning("%s: %s keeps %.0f MB of prepared data in memory, over its cap of %.0f MB; %s is read "
+                           "from the file from now on", source.name, _worker_label(), total / 1e6, limit / 1e6,
+                           source.name)
+            source.close()
+            total -= size
 
 
 def close_worker_sources() -> int:
@@ -202,6 +325,7 @@ def close_worker_sources() -> int:
         n = len(_open_sources)
         while _open_sources:
             _open_sources.popitem(last=False)[1].close()
+        _uncached.clear()
     return n
 
 
@@ -222,5 +346,23 @@ def _resolve(item: Any, specs: dict[str, SourceSpec]) -> Any:
 
 
 def run_item(fn: Callable[[Any], Any], item: Any, specs: dict[str, SourceSpec]) -> Any:
-    """On a worker: ``fn(item)`` with every :class:`RowsRef` in ``item`` replaced by the rows it describes."""
-    return fn(_resolve(item, specs))
+    """On a worker: ``fn(item)`` with every :class:`RowsRef` in ``item`` replaced by the rows it describes; then
+    the worker's memory caches are trimmed to their cap (:data:`WORKER_CACHE_BYTES`)."""
+    with _open_lock:
+        _in_use.update(list(specs))
+    try:
+        return fn(_resolve(item, specs))
+    finally:
+        with _open_lock:
+            _in_use.subtract(list(specs))
+            _trim_caches()
+
+
+def chunk_statistics(spec: SourceSpec, start: int, stop: int, owner: np.ndarray | None) -> list[tuple]:
+    """On a worker: the statistics-pass sums (:func:`onlinemf._blockmath.block_statistics`) of rows ``start:stop``
+    of ``spec``'s raw counts, one per part of a :class:`StatsChunk` (``owner``), in its ``parts`` order. The rows
+    are read and checked here; only the sums go back."""
+    block = worker_source(spec).read_block(start, stop)
+    if owner is None:
+        return [block_statistics(block)]
+    return [block_statistics(block[np.flatnonzero(owner == i)]) for i in np.unique(owner)]

@@ -8,6 +8,7 @@ the CLI, nothing from the library by default).
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import time
@@ -175,9 +176,10 @@ def _open(inputs: list[Path], reading: InputOptions) -> list:
 
 @contextlib.contextmanager
 def _prepared_inputs(inputs, reading: InputOptions, outputs: OutputOptions, progress, *, k=None, genes=None,
-                     cache=None, check=None, **select):
-    """Open the inputs, run ``check(sources)``, prepare them (one streamed pass, then the cache pass) and
-    yield ``(sources, prepared)``; every file and cache is closed on the way out, on errors too."""
+                     cache=None, check=None, client=None, **select):
+    """Open the inputs, run ``check(sources)``, prepare them (one streamed pass, on the Dask cluster of ``client``
+    if given, then the cache pass) and yield ``(sources, prepared)``; every file and cache is closed on the way out,
+    on errors too."""
     sources = _open(inputs, reading)
     prepared = None
     try:
@@ -187,7 +189,7 @@ def _prepared_inputs(inputs, reading: InputOptions, outputs: OutputOptions, prog
         n_total = sum(s.n_cells for s in sources)
         with progress(total=n_total, desc="preprocess", unit="cells") as bar:
             prepared = prepare(sources, genes=genes, block_size=BLOCK_SIZE, progress=bar.update,
-                               cache=_cache_mode(cache, n_total), **select)
+                               cache=_cache_mode(cache, n_total), stats_pass=_dask_stats_pass(client), **select)
         if k is not None and genes is None and k > len(prepared.genes):
             msg = (f"--k {k}: expected at most the number of genes used ({len(prepared.genes)}); "
                    "lower --k or select more genes (--n-genes, --var-thresh)")
@@ -197,6 +199,14 @@ def _prepared_inputs(inputs, reading: InputOptions, outputs: OutputOptions, prog
     finally:
         for s in [*(prepared.sources if prepared is not None else []), *sources]:
             s.close()
+
+
+def _dask_stats_pass(client):
+    if client is None:
+        return None
+    from ._dask import stats_pass
+
+    return functools.partial(stats_pass, client)
 
 
 def _finish(scenario, est, inputs, sources, prepared, reading: InputOptions, outputs: OutputOptions, progress, *,
@@ -283,8 +293,9 @@ def fit(
         Progress-bar factory, ``progress(total=, desc=, unit=)`` -> context manager with ``update(n)``.
     client : dask.distributed.Client or None
         Run the mini-batch steps on this Dask cluster (its workers read the inputs, which must be at the same
-        paths for them); the model and H equal the local ones. Preprocessing runs here, with no prepared-data
-        cache (the workers read the files); the mini-batch steps and the final H pass run on the cluster.
+        paths for them); the model and H equal the local ones. The statistics pass, the mini-batch steps and the
+        final H pass run on the cluster; gene selection runs here, with no prepared-data cache (the workers read
+        the files).
 
     label_key : str or None
         obs column of cell labels, checked before any work and recorded in the model (which always keeps the
@@ -319,7 +330,7 @@ def fit(
                   "combine": selection.combine, "unshared_thresh": selection.unshared_thresh,
                   "unshared": list(selection.unshared) if unshared_genes is None else unshared_genes}
         with _prepared_inputs(inputs, reading, outputs, progress, k=params.k, genes=genes,
-                              cache=cache if client is None else None,
+                              cache=cache if client is None else None, client=client,
                               check=lambda sources: _check_cells_for_k(sources, params.k), **select) as (sources, prepared):
             timings["preprocess_s"] = time.perf_counter() - t0
             est = OnlineINMF(n_components=params.k, lam=params.lam, batch_size=params.batch_size,
@@ -403,7 +414,7 @@ def update(
     timings: dict[str, float] = {}
     with threadpool_limits(limits=threads), set_read_threads(threads), _prepared_inputs(
         inputs, reading, outputs, progress, genes=np.asarray(est.var_names_in_),
-        cache=cache if client is None else None, check=check
+        cache=cache if client is None else None, check=check, client=client
     ) as (sources, prepared):
         if epochs is not None:
             est.set_params(max_epochs=epochs)
@@ -470,7 +481,7 @@ def project(
     est = saved.estimator.set_params(n_threads=threads)
     mapping = _mapping_inputs(saved, model, reference, label_key)  # every check before any work
     with threadpool_limits(limits=threads), set_read_threads(threads), _prepared_inputs(
-        inputs, reading, outputs, progress, genes=np.asarray(est.var_names_in_)
+        inputs, reading, outputs, progress, genes=np.asarray(est.var_names_in_), client=client
     ) as (sources, prepared):
         summary = _finish("project", est, inputs, sources, prepared, reading, outputs, progress, output=output,
                           model=None, model_kwargs={}, timings={}, project=True, client=client,

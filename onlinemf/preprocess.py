@@ -14,7 +14,7 @@ drops them by default (``removeMissing=TRUE``).
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -50,6 +50,10 @@ __all__ = [
     "select_genes",
     "select_unshared_genes",
 ]
+
+#: A statistics pass run elsewhere: ``(sources, block_size, progress) -> [DatasetStats per source]``.
+StatsPass = Callable[[Sequence[Source], int, Progress], "list[DatasetStats]"]
+
 
 def normalize_rows(X) -> sp.csr_matrix:
     """Divide each row (cell) by its sum (library size); all-zero rows stay zero.
@@ -151,7 +155,11 @@ class _StatsAccumulator:
 
     def add(self, start: int, stop: int, block: sp.csr_matrix) -> None:
         check_values(block.data, self.source.name)
-        lib, gene_sum, gene_sumsq, gene_nnz = block_statistics(block)
+        self.add_sums(start, stop, block_statistics(block))
+
+    def add_sums(self, start: int, stop: int, sums: tuple) -> None:
+        """Add a block's :func:`~onlinemf._blockmath.block_statistics` (computed here or on a Dask worker)."""
+        lib, gene_sum, gene_sumsq, gene_nnz = sums
         self.lib_size[start:stop] = lib
         self.gene_sum += gene_sum
         self.gene_sumsq += gene_sumsq
@@ -471,7 +479,7 @@ class Prepared:
 def prepare(sources: Sequence[Source], *, genes=None, thresh: float = 0.1, alpha: float = 0.99,
             n_genes: int | None = None, combine: str = "union", block_size: int = 20000,
             cache: str | None = None, tmpdir=None, progress: Progress = None, unshared=None,
-            unshared_thresh: float = 0.1) -> Prepared:
+            unshared_thresh: float = 0.1, stats_pass: StatsPass | None = None) -> Prepared:
     """Statistics (one pass per dataset, or per file for batch splits), gene selection and scaling, as rliger does.
 
     Parameters
@@ -492,6 +500,10 @@ def prepare(sources: Sequence[Source], *, genes=None, thresh: float = 0.1, alpha
         UINMF: datasets whose unshared variable genes (:func:`select_unshared_genes` at ``unshared_thresh``) are
         appended to their columns, or, as a dict, the unshared genes to use (e.g. a checkpoint's).
     unshared_thresh : float
+    stats_pass : callable or None
+        Runs the statistics pass instead of this process: ``stats_pass(sources, block_size, progress)`` ->
+        one :class:`DatasetStats` per source (the Dask map-reduce, :func:`onlinemf._dask.stats_pass`). No raw
+        copies are kept for the cache pass then.
 
     Returns
     -------
@@ -520,9 +532,12 @@ def prepare(sources: Sequence[Source], *, genes=None, thresh: float = 0.1, alpha
             raise InputError(msg)
         for src in sources:  # fail before the streaming pass
             _gene_positions(src.var_names, genes, src.name)
-    raw_copies = _raw_copies(sources, cache, tmpdir)
+    raw_copies = _raw_copies(sources, cache if stats_pass is None else None, tmpdir)
     try:
-        stats = _stats_pass(sources, block_size, progress, raw_copies)
+        if stats_pass is None:
+            stats = _stats_pass(sources, block_size, progress, raw_copies)
+        else:
+            stats = stats_pass(sources, block_size, progress)
         raw_copies = [None if c is None else c.finish() for c in raw_copies]
     except BaseException:
         for c in raw_copies:

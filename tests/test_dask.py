@@ -264,3 +264,96 @@ def test_zarr_store_on_the_cluster_equals_h5ad_locally(client, demo, tmp_path):
     local = OnlineINMF(**PARAMS).fit(prepared.sources)
     remote = OnlineINMF(**PARAMS).fit(pz.sources, client=client)
     assert_same_model(local, remote)
+
+
+def assert_same_stats(local, remote) -> None:
+    assert [s.name for s in local] == [s.name for s in remote]
+    for a, b in zip(local, remote, strict=True):
+        for key in ("lib_size", "gene_sum", "gene_sumsq", "gene_nnz", "var_names"):
+            np.testing.assert_array_equal(getattr(a, key), getattr(b, key), err_msg=f"{a.name}: {key}")
+        assert (a.n_cells, a.n_empty_cells) == (b.n_cells, b.n_empty_cells)
+
+
+@pytest.mark.parametrize("batch_key", ["batch", None])
+def test_statistics_pass_on_the_cluster_equals_the_local_pass(client, demo, batch_key):
+    """Chunks of 700 cells: 5 for the whole file, or 5 blocks of the two interleaved batch splits' union."""
+    from onlinemf._dask import stats_pass
+    from onlinemf.preprocess import compute_stats_all
+
+    path, _ = demo
+    sources = open_sources([path], batch_key=batch_key)
+    try:
+        local = compute_stats_all(sources, block_size=700)
+        seen: list[int] = []
+        with distributed.get_task_stream(client) as stream:
+            remote = stats_pass(client, sources, 700, seen.append)
+        assert_same_stats(local, remote)
+        assert sum(seen) == sum(s.n_cells for s in sources) and len(seen) == 5
+        ran = [t for t in stream.data if t["key"].startswith("chunk_statistics")]
+        assert len(ran) == 5 and {t["worker"] for t in ran} <= set(client.scheduler_info()["workers"])
+        # and through prepare: the same genes and scale factors
+        a = prepare(sources, n_genes=300, block_size=700)
+        b = prepare(sources, n_genes=300, block_size=700, stats_pass=lambda *args: stats_pass(client, *args))
+        np.testing.assert_array_equal(a.genes, b.genes)
+        for name in a.scales:
+            np.testing.assert_array_equal(a.scales[name], b.scales[name])
+    finally:
+        for s in sources:
+            s.close()
+
+
+def test_statistics_pass_input_missing_on_the_workers(client, demo_data, tmp_path):
+    from onlinemf._dask import stats_pass
+
+    path = tmp_path / "gone_stats.h5ad"
+    shutil.copy(demo_data / "pbmc_demo.h5ad", path)
+    sources = open_sources([path], batch_key="batch")
+    try:
+        path.unlink()
+        with pytest.raises(InputError, match=r"worker tcp://.* cannot see the input .*gone_stats\.h5ad"):
+            stats_pass(client, sources, 1000)
+    finally:
+        for s in sources:
+            s.close()
+
+
+def test_worker_memory_caches_stay_under_their_byte_cap(client, demo):
+    """Eight prepared datasets (the demo's two batches on four gene sets), each cached on the workers on first use:
+    with a cap of 1.5 datasets, each worker keeps at most that much, drops the rest to file reads, and the H pass
+    and a fit still equal the local ones."""
+    from onlinemf import _remote
+    from onlinemf._dask import transform_source
+
+    path, prepared = demo
+    sources = open_sources([path], batch_key="batch")
+    sets = [prepare(sources, n_genes=n, cache="memory") for n in (300, 250, 200, 150)]
+    sizes = []
+    for p in sets:
+        for s in p.sources:
+            s.build_cache()
+            X = s._cache._X
+            sizes.append(X.data.nbytes + X.indices.nbytes + X.indptr.nbytes)
+    cap = int(1.5 * max(sizes))
+    client.run(_remote.close_worker_sources)
+    client.run(_remote.set_worker_cache_bytes, cap)
+    try:
+        est = OnlineINMF(**PARAMS).fit(prepared.sources)
+        for p in sets:
+            model = OnlineINMF(**{**PARAMS, "max_epochs": 1}).fit(p.sources)
+            for s in p.sources:
+                H, _ = model.transform_source(s, dataset=s.name, block_size=1500)
+                np.testing.assert_array_equal(H, transform_source(model, s, client, dataset=s.name, block_size=1500)[0])
+        held = client.run(_remote.worker_cache_bytes)
+        assert all(0 < b <= cap for b in held.values()), (held, cap)
+        assert sum(client.run(lambda: len(_remote._uncached)).values()) >= 8 - 2  # at most one per worker kept
+        assert_same_model(est, OnlineINMF(**PARAMS).fit(prepared.sources, client=client))
+        assert all(b <= cap for b in client.run(_remote.worker_cache_bytes).values())
+        # without a cap the same datasets would hold several times as much
+        assert sum(sizes) > 2 * cap
+    finally:
+        client.run(_remote.set_worker_cache_bytes, None)
+        client.run(_remote.close_worker_sources)
+        for p in sets:
+            p.close()
+        for s in sources:
+            s.close()
