@@ -34,9 +34,13 @@ SNN_PRUNE = 1.0 / 15.0
 #: searched per query. 467k resampled Kang cells x 20 factors, 1 thread: recall@20 0.990, search 10.5 s
 #: CPU (8 probes: 0.998, 17.7 s; sqrt(n)-sized lists cost O(n^1.5) and took 51 s).
 IVF_CELLS_PER_LIST = 250
+IVF_PROBES = 4
 #: Edges handed to igraph at once (each slice is a list of Python tuples, ~150 bytes an edge).
 LEIDEN_EDGE_SLICE = 4_000_000
-IVF_PROBES = 4
+#: UMAP starts from the spectral embedding of its graph up to this many cells, from PCA above: umappp's spectral
+#: start (irlba on the graph Laplacian) grows much faster than the cells (resampled Kang H: 14k cells 0.16 s,
+#: 40k 2.5 s, 100k 78 s), while one epoch of the layout costs ~0.15 s per 100k cells.
+SPECTRAL_INIT_MAX_CELLS = 50_000
 
 
 def _optional(module: str):
@@ -431,6 +435,8 @@ def run_umap(X, *, n_neighbors=20, min_dist=0.1, metric="cosine", random_state=4
     With scranpy installed (the 'umap' extra on Linux x86-64 and macOS arm64) the layout is umappp's
     compiled C++ UMAP: no numba compilation, ~1 s import, the epochs of umap-learn and uwot
     (:func:`umap_epochs`) and the same or better 15-NN preservation. Otherwise umap-learn.
+    The layout starts from the spectral embedding up to ``SPECTRAL_INIT_MAX_CELLS`` cells and from PCA
+    (:func:`pca_coordinates`) above, where the spectral start would take longer than the layout.
     Neighbours are exact cosine neighbours from :func:`cosine_knn` (an inverted-file index above
     ``EXACT_KNN_MAX_CELLS`` cells with faiss).
 
@@ -483,10 +489,31 @@ def _umap_umappp(X: np.ndarray, k: int, *, min_dist: float, metric: str, seed: i
     first_other = np.argsort(~others, axis=1, kind="stable")[:, : k - 1]
     idx = np.take_along_axis(idx, first_other, axis=1).astype(np.int32)
     dist = np.take_along_axis(dist, first_other, axis=1).astype(np.float64)
+    init: dict = {}
+    if X.shape[0] > SPECTRAL_INIT_MAX_CELLS:
+        init = {"initialize_method": "none", "initial_coordinates": pca_coordinates(X)}
     coords = scranpy.run_umap(knncolle.FindKnnResults(np.ascontiguousarray(idx), np.ascontiguousarray(dist)),
                               min_dist=float(min_dist), num_epochs=umap_epochs(X.shape[0]),
-                              initialize_seed=seed, optimize_seed=seed)
+                              initialize_seed=seed, optimize_seed=seed, **init)
     return np.asarray(coords, dtype=np.float32)
+
+
+def pca_coordinates(X: np.ndarray, n_dims: int = 2, scale: float = 10.0) -> np.ndarray:
+    """The first ``n_dims`` principal components of the rows of X, scaled so that the largest |value| is ``scale``.
+
+    UMAP's start for data too large for a spectral start (uwot's ``init="pca"``; Kobak & Linderman 2021 show
+    a PCA start keeps the global structure as well as a spectral one). ``scale`` is umappp's spectral scale.
+    Signs are fixed (largest |loading| positive) so the start does not depend on the LAPACK build.
+    """
+    X = np.asarray(X, dtype=np.float64)
+    mean = X.mean(axis=0)
+    cov = (X - mean).T @ (X - mean)  # dims x dims: cheap for factor matrices, no n x dims copy is kept
+    _, vectors = np.linalg.eigh(cov)
+    axes = vectors[:, ::-1][:, :n_dims]
+    axes *= np.sign(axes[np.abs(axes).argmax(axis=0), np.arange(n_dims)])
+    coords = (X - mean) @ axes
+    peak = np.abs(coords).max()
+    return np.ascontiguousarray(coords * (scale / peak) if peak > 0 else coords)
 
 
 def _umap_learn(X: np.ndarray, k: int, *, min_dist: float, metric: str, random_state) -> np.ndarray:

@@ -501,3 +501,40 @@ def test_leiden_same_when_edges_come_in_slices(monkeypatch):
     whole = cluster_leiden(X, random_state=2)
     monkeypatch.setattr(postprocess, "LEIDEN_EDGE_SLICE", 97)
     np.testing.assert_array_equal(cluster_leiden(X, random_state=2), whole)
+
+
+def test_pca_coordinates_are_the_scaled_leading_components():
+    from onlinemf.postprocess import pca_coordinates
+
+    rng = np.random.default_rng(13)
+    X = rng.normal(size=(500, 6)) * np.array([5.0, 3.0, 1.0, 0.5, 0.2, 0.1]) + 7.0
+    coords = pca_coordinates(X)
+    assert coords.shape == (500, 2) and coords.flags.c_contiguous
+    assert np.isclose(np.abs(coords).max(), 10.0)
+    # The same plane as the first two right singular vectors of the centred data, up to sign and scale.
+    centred = X - X.mean(axis=0)
+    expected = centred @ np.linalg.svd(centred, full_matrices=False)[2][:2].T
+    for j in range(2):
+        assert abs(np.corrcoef(coords[:, j], expected[:, j])[0, 1]) > 1 - 1e-9
+    np.testing.assert_array_equal(coords, pca_coordinates(X[:, :]))
+    assert np.array_equal(pca_coordinates(np.zeros((5, 3))), np.zeros((5, 2)))
+
+
+def test_umappp_starts_from_pca_above_the_spectral_limit(monkeypatch):
+    pytest.importorskip("scranpy")
+    from onlinemf import postprocess
+
+    rng = np.random.default_rng(10)
+    X = np.abs(rng.normal(0.5, 0.3, size=(300, 8)))
+    X[np.arange(300), np.repeat([0, 1, 2], 100)] += 4.0
+    spectral = run_umap(X, n_neighbors=15, random_state=1)
+    monkeypatch.setattr(postprocess, "SPECTRAL_INIT_MAX_CELLS", 100)
+    calls = []
+    real = postprocess.pca_coordinates
+    monkeypatch.setattr(postprocess, "pca_coordinates", lambda Y: calls.append(Y.shape) or real(Y))
+    coords = run_umap(X, n_neighbors=15, random_state=1)
+    assert calls == [(300, 8)] and not np.array_equal(coords, spectral)
+    np.testing.assert_array_equal(coords, run_umap(X, n_neighbors=15, random_state=1))
+    _, near = cKDTree_query(coords.astype(np.float64), 11)
+    group = np.repeat([0, 1, 2], 100)
+    assert (group[near[:, 1:]] == group[:, None]).mean() > 0.95
