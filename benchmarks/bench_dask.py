@@ -8,7 +8,7 @@ Usage (from the repository root, with the project's venv and the ``dask`` extra)
         --batch-sizes 5000 20000 50000 --no-h-pass
 
 Phases: the statistics pass (local, then as a map-reduce on the cluster: :func:`onlinemf._dask.stats_pass`; the
-two must be equal to the bit), gene selection and the client's memory cache (for the local fits), cluster start,
+two must be equal to the bit; ``--stats-repeats`` times in turn, ``--stats-only`` to stop there), gene selection and the client's memory cache (for the local fits), cluster start,
 the fit for each ``--batch-sizes`` value (local with 1 thread and with ``--workers`` threads, then on a
 ``LocalCluster`` of ``--workers`` processes of one thread each, interleaved over ``--repeats`` runs; medians),
 and the final H pass (local, then on the cluster; once, unless ``--no-h-pass``). For
@@ -101,6 +101,86 @@ def fit_rows(args, prepared, client, batch_size: int) -> OnlineINMF:
     return local
 
 
+QUALITY_DATA = {"kang": (DEFAULT_DATA, None),
+                "cellbench5": (Path("/work/shared/data/cellbench_5cl_celseq2_3plates.h5ad"), "cell_type")}
+
+
+def _mean_sd(runs: list[dict], key: str) -> str:
+    values = [r[key] for r in runs if key in r]
+    if not values:
+        return ""
+    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values) if len(values) > 1 else 0.0:.3f}"
+
+
+def quality(args) -> None:
+    """Alignment (and ARI against the labels, where there are any) of ``tl.integrate`` per mini-batch size and seed,
+    with bench_quality.py's settings (k=20, lam=5, 5 epochs); prints mean and standard deviation over the seeds."""
+    import anndata as ad
+
+    from onlinemf import metrics, tl
+
+    path, label_key = QUALITY_DATA[args.quality]
+    adata = ad.read_h5ad(path)
+    datasets = adata.obs[args.batch_key].astype(str).to_numpy()
+    print(f"quality: {path.name}, {adata.n_obs} cells, seeds {args.seeds}, k=20, lam=5, 5 epochs")
+    print("| mini-batch | steps | alignment (mean ± sd) | ARI (mean ± sd) | seconds per fit |")
+    print("|---|---|---|---|---|")
+    for batch_size in args.batch_sizes:
+        runs = []
+        for seed in args.seeds:
+            work = adata.copy()
+            t = time.perf_counter()
+            est = tl.integrate(work, args.batch_key, k=20, lam=5.0, epochs=5, batch_size=batch_size, seed=seed,
+                               cluster=label_key is not None, return_model=True)
+            seconds = time.perf_counter() - t
+            H = np.asarray(work.obsm["X_inmf_norm"], dtype=np.float64)
+            rec = {"alignment": metrics.alignment(H, datasets, random_state=seed), "steps": est.n_steps_,
+                   "seconds": seconds}
+            if label_key is not None:
+                rec["ari"] = metrics.ari(work.obs[label_key].astype(str).to_numpy(),
+                                         work.obs["inmf_cluster"].astype(str).to_numpy())
+            runs.append(rec)
+
+        print(f"| {batch_size} | {runs[0]['steps']} | {_mean_sd(runs, 'alignment')} | {_mean_sd(runs, 'ari')} | "
+              f"{statistics.mean(r['seconds'] for r in runs):.1f} |", flush=True)
+
+
+def quality_big(args) -> None:
+    """At the scale of ``--data`` (e.g. 1M cells): per mini-batch size and seed, a local fit of ``--epochs``, its
+    exact objective over all cells (per cell), and the alignment of a quantile normalisation of H on a random
+    sample of ``--quality-cells`` cells (quantile normalisation of every cell would need the kNN of every cell)."""
+    from onlinemf import metrics
+    from onlinemf.postprocess import quantile_norm
+
+    raw = open_sources([args.data], batch_key=args.batch_key)
+    prepared = prepare(raw, cache="memory")
+    for s in prepared.sources:
+        s.build_cache()
+    n_cells = sum(s.n_cells for s in raw)
+    names = np.concatenate([np.full(s.n_cells, s.name) for s in raw])
+    print(f"quality at scale: {args.data.name}, {n_cells} cells, {len(prepared.genes)} genes, k={args.k}, lam=5, "
+          f"{args.epochs} epochs; alignment on {args.quality_cells} random cells; seeds {args.seeds}")
+    print("| mini-batch | steps | objective per cell (mean ± sd) | alignment (mean ± sd) | fit seconds |")
+    print("|---|---|---|---|---|")
+    for batch_size in args.batch_sizes:
+        runs = []
+        for seed in args.seeds:
+            t = time.perf_counter()
+            est = OnlineINMF(n_components=args.k, lam=5.0, batch_size=batch_size, max_epochs=args.epochs,
+                             random_state=seed, n_threads=args.workers).fit(prepared.sources)
+            seconds = time.perf_counter() - t
+            parts = [est.transform_source(s, dataset=s.name, block_size=20000, with_objective=True)
+                     for s in prepared.sources]
+            H = np.concatenate([h for h, _ in parts])
+            objective = sum(o for _, o in parts)
+            sample = np.sort(np.random.default_rng(seed).choice(n_cells, args.quality_cells, replace=False))
+            H_norm, _ = quantile_norm(H[sample], names[sample], random_state=seed)
+            runs.append({"objective": objective / n_cells, "steps": est.n_steps_, "seconds": seconds,
+                         "alignment": metrics.alignment(H_norm, names[sample], random_state=seed)})
+        print(f"| {batch_size} | {runs[0]['steps']} | {_mean_sd(runs, 'objective')} | {_mean_sd(runs, 'alignment')} | "
+              f"{statistics.mean(r['seconds'] for r in runs):.1f} |", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
@@ -110,10 +190,20 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[5000], help="Mini-batch sizes to fit with.")
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--stats-repeats", type=int, default=1, help="Statistics passes (local, cluster) in turn.")
+    parser.add_argument("--stats-only", action="store_true", help="Stop after the statistics passes.")
     parser.add_argument("--no-h-pass", action="store_true", help="Skip the final H pass.")
     parser.add_argument("--no-worker-cache", action="store_true",
                         help="Workers read every unit from the file (as for datasets over 200k cells).")
+    parser.add_argument("--quality", choices=[*sorted(QUALITY_DATA), "data"],
+                        help="Instead: integration quality per --batch-sizes value over --seeds (no cluster); "
+                             "'data': of --data, local fits of --epochs (objective, alignment on a sample).")
+    parser.add_argument("--quality-cells", type=int, default=20000)
+    parser.add_argument("--seeds", type=int, nargs="+", default=list(range(1, 11)))
     args = parser.parse_args()
+    if args.quality:
+        (quality_big if args.quality == "data" else quality)(args)
+        return
     if args.no_worker_cache:
         _remote.WORKER_MEMORY_CACHE_CELLS = 0
 
@@ -122,22 +212,28 @@ def main() -> None:
     raw = open_sources([args.data], batch_key=args.batch_key)
     n_cells = sum(s.n_cells for s in raw)
     t = time.perf_counter()
-    stats = compute_stats_all(raw, block_size=20000)
-    stats_s = time.perf_counter() - t
-
-    t = time.perf_counter()
     cluster = distributed.LocalCluster(n_workers=args.workers, threads_per_worker=1, processes=True,
                                        dashboard_address=None, scheduler_kwargs={"dashboard_address": ":0"})
     client = distributed.Client(cluster)
     start_s = time.perf_counter() - t
     try:
-        t = time.perf_counter()
-        with distributed.get_task_stream(client) as stream:
-            remote_stats = _dask.stats_pass(client, raw, 20000)
-        stats_cluster_s = time.perf_counter() - t
-        stats_compute = sum(part["stop"] - part["start"] for task in stream.data
-                            if task["key"].startswith("chunk_statistics")
-                            for part in task["startstops"] if part["action"] == "compute")
+        # the statistics pass, local then on the cluster, alternating (the first run also warms the page cache)
+        for _ in range(args.stats_repeats):
+            t = time.perf_counter()
+            stats = compute_stats_all(raw, block_size=20000)
+            stats_s = time.perf_counter() - t
+            t = time.perf_counter()
+            with distributed.get_task_stream(client) as stream:
+                remote_stats = _dask.stats_pass(client, raw, 20000)
+            stats_cluster_s = time.perf_counter() - t
+            stats_compute = sum(part["stop"] - part["start"] for task in stream.data
+                                if task["key"].startswith("chunk_statistics")
+                                for part in task["startstops"] if part["action"] == "compute")
+            print(f"statistics pass (blocks of 20,000 cells): local {stats_s:.1f} s, on the cluster "
+                  f"{stats_cluster_s:.1f} s (workers' compute {stats_compute:.1f} s summed over {args.workers} "
+                  f"workers); equal to the bit: {same_stats(stats, remote_stats)}", flush=True)
+        if args.stats_only:
+            return
         t = time.perf_counter()
         prepared = prepare(raw, cache="memory", stats_pass=lambda *_: stats)  # the statistics just measured
         for s in prepared.sources:
@@ -146,9 +242,6 @@ def main() -> None:
         print(f"data: {args.data.name}, {n_cells} cells, {len(prepared.genes)} genes, datasets "
               f"{[s.name for s in raw]}; k={args.k}, {args.epochs} epochs; workers "
               f"{'read every unit from the file' if args.no_worker_cache else 'cache datasets up to 200k cells'}")
-        print(f"statistics pass (blocks of 20,000 cells): local {stats_s:.1f} s, on the cluster {stats_cluster_s:.1f} s "
-              f"(workers' compute {stats_compute:.1f} s summed over {args.workers} workers); equal to the bit: "
-              f"{same_stats(stats, remote_stats)}")
         print(f"gene selection and the client's memory cache (local fits only): {prepare_s:.1f} s")
         print(f"LocalCluster start ({args.workers} processes): {start_s:.1f} s", flush=True)
         for batch_size in args.batch_sizes:
