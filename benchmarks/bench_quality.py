@@ -4,6 +4,7 @@ Usage (from the repository root, with the project's venv)::
 
     .venv/bin/python benchmarks/bench_quality.py                  # 3 datasets, seeds 1 2 3
     .venv/bin/python benchmarks/bench_quality.py --datasets cellbench5 --seeds 1
+    .venv/bin/python benchmarks/bench_quality.py --seeds 1 2 3 --pyliger-from benchmarks/_work/quality_results.json
 
 Per dataset and seed, two pipelines with the same k=20, lam=5, 5 epochs and the same mini-batch:
 
@@ -20,6 +21,12 @@ data of each batch). Prints a
 table of means, then onlinemf minus pyliger paired by seed with its standard error (use many seeds: on
 baron the seed moves alignment by ~0.13 sd), and writes ``benchmarks/_work/quality_results.json``. See
 ``benchmarks/README.md``.
+
+``--pyliger-from REPORT.json`` reuses the pyliger runs of an earlier report: a seed's run is taken
+from the ``.npz`` that report names when the file still exists and the settings recorded in it by the
+runner (input file, batch key, k, lambda, epochs, mini-batch, var_thresh, resolution, BLAS threads,
+seed) and its pyliger version equal this run's; it is scored again with :func:`score`. Every other
+seed runs pyliger as usual.
 
 Shared mini-batch: rliger advises a mini-batch no larger than the smallest dataset, and pyliger
 silently runs ``floor(n_1 * epochs / b_1)`` iterations, i.e. none at all once the batch exceeds
@@ -62,6 +69,8 @@ DEFAULT_BATCH = 5000
 PYLIGER_VENVS = (BENCH / "_venvs" / "pyliger_q", BENCH / "_venvs" / "pyliger")
 PYLIGER_REQUIREMENTS = ["pyliger==0.2.4", "setuptools<81", "igraph==0.10.8", "python-igraph==0.10.8",
                         "louvain==0.8.2", "leidenalg==0.10.2"]
+# pyliger settings the runner is given explicitly (its defaults), so that they are recorded with each result.
+PYLIGER_VAR_THRESH, PYLIGER_RESOLUTION = 0.1, 1.0
 LOUVAIN_PROBE = ("import igraph, louvain; g = igraph.Graph.Famous('Zachary'); "
                  "louvain.find_partition(g, louvain.RBConfigurationVertexPartition, seed=1); import pyliger")
 
@@ -71,7 +80,7 @@ def pyliger_python() -> Path:
     """Interpreter of a venv whose pyliger can run Louvain; creates ``pyliger_q`` if none can."""
     for venv in PYLIGER_VENVS:
         python = venv / "bin" / "python"
-        if python.exists() and subprocess.run([python, "-c", LOUVAIN_PROBE], capture_output=True).returncode == 0:
+        if python.exists() and subprocess.run([python, "-c", LOUVAIN_PROBE], check=False, capture_output=True).returncode == 0:
             return python
     venv = PYLIGER_VENVS[0]
     print(f"[setup] installing {' '.join(PYLIGER_REQUIREMENTS)} into {venv}", flush=True)
@@ -79,6 +88,46 @@ def pyliger_python() -> Path:
     python = venv / "bin" / "python"
     subprocess.run([python, "-m", "pip", "install", "-q", *PYLIGER_REQUIREMENTS], check=True)
     return python
+
+
+def pyliger_version(python: Path) -> str:
+    out = subprocess.run([python, "-c", "from importlib.metadata import version; print(version('pyliger'))"],
+                         capture_output=True, text=True, check=True)
+    return out.stdout.strip()
+
+
+def pyliger_settings(path: Path, batch_size: int, args) -> dict:
+    """The runner's settings for one dataset, as it records them in its ``meta['settings']``."""
+    return {"input": str(path.resolve()), "batch_key": BATCH_KEY, "k": args.k, "lam": float(args.lam),
+            "epochs": args.epochs, "batch_size": batch_size, "var_thresh": PYLIGER_VAR_THRESH,
+            "resolution": PYLIGER_RESOLUTION, "threads": args.threads}
+
+
+def _npz_meta(path: Path) -> dict:
+    with np.load(path, allow_pickle=False) as z:
+        return json.loads(str(z["meta"]))
+
+
+def reusable_pyliger(report: dict, path: Path, batch_size: int, args, version: str) -> dict[int, Path]:
+    """Seed -> ``.npz`` of an earlier report's pyliger run that used exactly this run's settings.
+
+    A run qualifies when it has no error, its ``.npz`` still exists, and the ``meta`` the runner wrote into
+    that file has this seed, this pyliger version and these settings (:func:`pyliger_settings`). Files
+    from runners older than the ``settings`` record never qualify.
+    """
+    want = pyliger_settings(path, batch_size, args)
+    found: dict[int, Path] = {}
+    for entry in report.get("results", []):
+        if entry.get("pipeline") != "pyliger" or entry.get("file") != path.name or entry.get("batch_size") != batch_size:
+            continue
+        for run in entry.get("runs", []):
+            seed, npz = run.get("seed"), run.get("npz")
+            if "error" in run or seed not in args.seeds or not npz or not Path(npz).is_file():
+                continue
+            meta = _npz_meta(Path(npz))
+            if meta.get("seed") == seed and meta.get("version") == version and meta.get("settings") == want:
+                found[seed] = Path(npz)
+    return found
 
 
 # ---------------------------------------------------------------- scoring
@@ -162,21 +211,28 @@ def run_onlinemf(adata, batch_size: int, seed: int, labels, ref, args) -> dict:
     return rec
 
 
-def run_pyliger(python: Path, path: Path, adata, batch_size: int, labels, ref, args) -> list[dict]:
-    """pyliger's pipeline for every seed in one subprocess, each result scored by :func:`score`."""
-    pattern = WORK / "quality" / f"pyliger_{path.stem}_b{batch_size}_s{{seed}}.npz"
+def run_pyliger(python: Path, path: Path, adata, batch_size: int, labels, ref, args,
+                reuse: dict[int, Path] | None = None) -> list[dict]:
+    """pyliger's pipeline for every seed not in ``reuse`` in one subprocess; each result scored by :func:`score`."""
+    reuse = reuse or {}
+    stem = f"pyliger_{path.stem}_k{args.k}_lam{args.lam:g}_e{args.epochs}_b{batch_size}_t{args.threads}"
+    pattern = WORK / "quality" / f"{stem}_s{{seed}}.npz"
     pattern.parent.mkdir(parents=True, exist_ok=True)
-    log = WORK / "quality" / f"pyliger_{path.stem}_b{batch_size}.log"
-    cmd = [str(python), str(RUNNER), "--input", str(path), "--output", str(pattern), "--batch-key", BATCH_KEY,
-           "--seeds", *map(str, args.seeds), "--k", str(args.k), "--lam", str(args.lam),
-           "--epochs", str(args.epochs), "--batch-size", str(batch_size), "--threads", str(args.threads)]
-    with open(log, "w") as fh:
-        proc = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT)
+    log = WORK / "quality" / f"{stem}.log"
+    todo = [seed for seed in args.seeds if seed not in reuse]
+    returncode = 0
+    if todo:
+        cmd = [str(python), str(RUNNER), "--input", str(path), "--output", str(pattern), "--batch-key", BATCH_KEY,
+               "--seeds", *map(str, todo), "--k", str(args.k), "--lam", str(args.lam),
+               "--epochs", str(args.epochs), "--batch-size", str(batch_size), "--threads", str(args.threads),
+               "--var-thresh", str(PYLIGER_VAR_THRESH), "--resolution", str(PYLIGER_RESOLUTION)]
+        with open(log, "w") as fh:
+            returncode = subprocess.run(cmd, check=False, stdout=fh, stderr=subprocess.STDOUT).returncode
     records = []
     for seed in args.seeds:
-        out = Path(str(pattern).replace("{seed}", str(seed)))
-        if proc.returncode != 0 or not out.exists():
-            records.append({"error": f"exit {proc.returncode}, see {log}"})
+        out = reuse.get(seed, Path(str(pattern).replace("{seed}", str(seed))))
+        if seed not in reuse and (returncode != 0 or not out.exists()):
+            records.append({"error": f"exit {returncode}, see {log}"})
             continue
         with np.load(out, allow_pickle=False) as z:
             meta = json.loads(str(z["meta"]))
@@ -191,7 +247,8 @@ def run_pyliger(python: Path, path: Path, adata, batch_size: int, labels, ref, a
             agree = (names, scaled)
         rec = score(H_norm, datasets, clusters, lab, seed=seed, agreement_ref=agree)
         rec.update(seconds=sum(meta["timings"].values()), n_iterations=meta["n_iterations"],
-                   n_genes=meta["n_genes_selected"], n_cells_kept=int(len(obs_names)))
+                   n_genes=meta["n_genes_selected"], n_cells_kept=len(obs_names),
+                   npz=str(out), reused=seed in reuse)
         records.append(rec)
     return records
 
@@ -267,11 +324,21 @@ def main() -> None:
     p.add_argument("--agreement", action="store_true",
                    help="add LIGER agreement (slow: one scikit-learn NMF per dataset and run, ~2 min on cellbench5)")
     p.add_argument("--output", type=Path, default=WORK / "quality_results.json")
+    p.add_argument("--pyliger-from", type=Path, metavar="REPORT.json",
+                   help="reuse this earlier report's pyliger runs (its .npz files) where their recorded settings, "
+                        "seed and pyliger version equal this run's; other seeds run pyliger")
     args = p.parse_args()
+    earlier = None
+    if args.pyliger_from is not None:
+        try:
+            earlier = json.loads(args.pyliger_from.read_text())
+        except (OSError, ValueError) as exc:
+            p.error(f"--pyliger-from: expected a report written by this script, found {exc}")
     python = pyliger_python()
+    version = pyliger_version(python)
     report = {"machine": {"python": sys.version.split()[0], "platform": platform.platform()},
               "params": {"k": args.k, "lam": args.lam, "epochs": args.epochs, "threads": args.threads,
-                         "seeds": args.seeds}, "results": []}
+                         "seeds": args.seeds}, "pyliger_version": version, "results": []}
     for name in args.datasets:
         path = DATASETS[name]
         adata = ad.read_h5ad(path)
@@ -284,12 +351,16 @@ def main() -> None:
             pipelines.append(("onlinemf default", DEFAULT_BATCH))
         for pipeline, batch in pipelines:
             if pipeline == "pyliger":
-                runs = run_pyliger(python, path, adata, batch, labels, ref, args)
+                reuse = {} if earlier is None else reusable_pyliger(earlier, path, batch, args, version)
+                if earlier is not None:
+                    print(f"[reuse] {name} pyliger batch {batch}: {len(reuse)} of {len(args.seeds)} seeds from "
+                          f"{args.pyliger_from}", flush=True)
+                runs = run_pyliger(python, path, adata, batch, labels, ref, args, reuse)
             else:
                 runs = [run_onlinemf(adata, batch, seed, labels, ref, args) for seed in args.seeds]
             for seed, rec in zip(args.seeds, runs, strict=True):
                 rec["seed"] = seed
-                shown = {k: (round(v, 3) if isinstance(v, float) else v) for k, v in rec.items()}
+                shown = {k: (round(v, 3) if isinstance(v, float) else v) for k, v in rec.items() if k != "npz"}
                 print(f"[run] {name} {pipeline} batch {batch} seed {seed}: {shown}", flush=True)
             report["results"].append({"dataset": name, "file": path.name, "pipeline": pipeline, "batch_size": batch,
                                       "n_cells": {str(k): int(v) for k, v in sizes.items()},

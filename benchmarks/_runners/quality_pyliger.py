@@ -6,7 +6,8 @@ igraph 0.10 stack, on which its Louvain works), so it imports nothing from onlin
 ``normalize``, ``select_genes(var_thresh=0.1)``, ``scale_not_center``, ``online_iNMF(k, lam,
 epochs, batch size, seed)``, ``quantile_norm(rand_seed=seed)``, ``louvain_cluster(resolution,
 random_seed=seed)``. Writes an ``.npz`` with the cell names (pyliger may drop cells with no
-counts), their dataset, H, H_norm, clusters, the selected genes, and a JSON ``meta`` string.
+counts), their dataset, H, H_norm, clusters, the selected genes, and a JSON ``meta`` string (pyliger's
+version, the seed, timings and every setting, which ``bench_quality.py --pyliger-from`` checks before reusing it).
 Several seeds run in one process, since importing pyliger takes longer than its pipeline on
 these data. The scoring is done by the parent (``bench_quality.py``) with ``onlinemf.metrics``.
 """
@@ -103,6 +104,10 @@ def run_once(args: argparse.Namespace, seed: int, output: Path) -> None:
         "n_iterations": n_iters,
         "minibatch_first": b_first,
         "timings": timings,
+        # Everything that decides the result, so that a later run can tell whether this file is reusable.
+        "settings": {"input": str(args.input), "batch_key": args.batch_key, "k": args.k, "lam": args.lam,
+                     "epochs": args.epochs, "batch_size": args.batch_size, "var_thresh": args.var_thresh,
+                     "resolution": args.resolution, "threads": args.threads},
     }
     np.savez(
         output,
