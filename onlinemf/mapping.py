@@ -33,11 +33,10 @@ from ._cores import usable_cores
 from ._errors import InputError
 from ._validation import check_factors, check_int, dataset_codes
 from .postprocess import (
-    knn_indices,
-    knn_vote,
-    max_factor_labels,
     piecewise_map,
     quantiles_type7,
+    refined_labels,
+    subsample,
 )
 
 logger = logging.getLogger(__name__)
@@ -138,13 +137,6 @@ class LabelTransfer:
     scale: float
 
 
-def _sample(values: np.ndarray, max_sample: int, rng: np.random.Generator) -> np.ndarray:
-    """At most ``max_sample`` of ``values`` (all of them without a draw), as ``quantile_norm`` samples."""
-    if values.shape[0] <= max_sample:
-        return values
-    return values[rng.choice(values.shape[0], max_sample, replace=False)]
-
-
 def _faiss():
     """faiss (the 'knn' extra) or None: an accelerator, never a requirement."""
     try:
@@ -154,18 +146,9 @@ def _faiss():
     return faiss
 
 
-def _cluster_labels(H: np.ndarray, n_neighbors: int, refine_knn: bool, eps: float, random_state) -> np.ndarray:
-    """Max-factor labels of one dataset, kNN-refined: the clusters ``quantile_norm`` gives it."""
-    labels = max_factor_labels(H)
-    if refine_knn:
-        nn = knn_indices(H, min(n_neighbors, H.shape[0]), eps=eps, random_state=random_state)
-        labels = knn_vote(nn, labels)
-    return labels
-
-
 def reference_quantiles(H, datasets, *, reference=None, quantiles: int = 50, min_cells: int = 20,
                         n_neighbors: int = 20, max_sample: int = 1000, refine_knn: bool = True, eps: float = 0.9,
-                        random_state=1) -> ReferenceQuantiles:
+                        random_state=1, labels=None) -> ReferenceQuantiles:
     """The quantiles ``quantile_norm`` maps every dataset onto, per cluster and factor of the reference dataset.
 
     Parameters
@@ -179,6 +162,9 @@ def reference_quantiles(H, datasets, *, reference=None, quantiles: int = 50, min
     quantiles, min_cells, n_neighbors, max_sample, refine_knn, eps, random_state
         As ``quantile_norm``. Clusters larger than ``max_sample`` are summarised from a seeded sample of
         ``max_sample`` cells (``quantile_norm`` draws one such sample per dataset; below it both are exact).
+    labels : array-like of shape (n_reference_cells,), optional
+        The reference dataset's clusters from :func:`~onlinemf.postprocess.refined_labels` with the same
+        settings, when already computed.
 
     Returns
     -------
@@ -198,15 +184,20 @@ def reference_quantiles(H, datasets, *, reference=None, quantiles: int = 50, min
         msg = f"reference: expected one of the datasets {names}, found {reference!r}"
         raise InputError(msg)
     H_ref = H[codes == ref]
-    labels = _cluster_labels(H_ref, n_neighbors, refine_knn, eps, random_state)
+    if labels is None:
+        labels = refined_labels(H_ref, n_neighbors, refine_knn=refine_knn, eps=eps, random_state=random_state)
+    elif np.shape(labels) != (H_ref.shape[0],):
+        msg = f"labels: expected one label per reference cell ({H_ref.shape[0]}), found shape {np.shape(labels)}"
+        raise InputError(msg)
+    labels = np.asarray(labels)
     K = H.shape[1]
     n_cells = np.bincount(labels[labels >= 0], minlength=K).astype(np.int64)
     values = np.full((K, K, quantiles + 1), np.nan)
     rng = np.random.default_rng(random_state)
     for c in np.flatnonzero(n_cells >= max(min_cells, 1)):
         cells = H_ref[labels == c].astype(np.float64)
-        for j in range(K):
-            values[c, j] = quantiles_type7(_sample(cells[:, j], max_sample, rng), quantiles)
+        samples = np.column_stack([subsample(cells[:, j], max_sample, rng) for j in range(K)])
+        values[c] = quantiles_type7(samples, quantiles).T
     return ReferenceQuantiles(values=values, n_cells=n_cells, reference=str(names[ref]), min_cells=min_cells,
                               n_neighbors=n_neighbors, max_sample=max_sample, refine_knn=bool(refine_knn),
                               eps=float(eps))
@@ -253,21 +244,23 @@ def align_to_reference(H, reference: ReferenceQuantiles, *, datasets=None, rando
     for d in range(int(codes.max()) + 1 if n_cells else 0):
         idx = np.flatnonzero(codes == d)
         H_d = H[idx]
-        labels = _cluster_labels(H_d, reference.n_neighbors, reference.refine_knn, reference.eps, random_state)
+        labels = refined_labels(H_d, reference.n_neighbors, refine_knn=reference.refine_knn, eps=reference.eps,
+                                random_state=random_state)
         clusters[idx] = labels
         for c in range(K):
             cells = idx[labels == c]
             if cells.size == 0 or cells.size < reference.min_cells or not ref_ok[c]:
                 continue
             n_mapped += cells.size
+            values = H[cells].astype(np.float64)
+            q2s = quantiles_type7(np.column_stack([subsample(values[:, j], reference.max_sample, rng)
+                                                   for j in range(K)]), reference.n_quantiles)
             for j in range(K):
-                values = H[cells, j].astype(np.float64)
-                q2 = quantiles_type7(_sample(values, reference.max_sample, rng), reference.n_quantiles)
-                q1 = reference.values[c, j]
+                q2, q1 = q2s[:, j], reference.values[c, j]
                 if q1.sum() == 0 or q2.sum() == 0 or np.unique(q1).size < 2 or np.unique(q2).size < 2:
                     H_norm[cells, j] = 0.0
                 else:
-                    H_norm[cells, j] = piecewise_map(values, q2, q1)
+                    H_norm[cells, j] = piecewise_map(values[:, j], q2, q1)
     logger.info("align_to_reference: %d of %d query cells mapped onto %r's quantiles", n_mapped, n_cells,
                 reference.reference)
     return H_norm, clusters

@@ -221,8 +221,10 @@ def _finish(scenario, est, inputs, sources, prepared, reading: InputOptions, out
     summary = RunSummary(scenario, sum(s.n_cells for s in sources), {s.name: s.n_cells for s in sources},
                          len(prepared.genes), 0.0, objective, timings=timings)
     outputs = _with_seed(outputs, est)
+    known_clusters = None
     if reference_labels is not None and model is not None:
-        model_kwargs = {**model_kwargs, "mapping": _mapping_record(H, prepared.sources, outputs.seed, *reference_labels)}
+        record, known_clusters = _mapping_record(H, prepared.sources, outputs.seed, *reference_labels)
+        model_kwargs = {**model_kwargs, "mapping": record}
     with _pending(model) as model_tmp:
         if model is not None:
             save_model(model_tmp, est, **model_kwargs)
@@ -230,20 +232,25 @@ def _finish(scenario, est, inputs, sources, prepared, reading: InputOptions, out
         if output is not None or outputs.plots is not None:
             table = ResultsTable.from_sources(inputs, sources, reading.batch_key)
             _postprocess_and_write(table, H, est, prepared.genes, outputs, output, summary,
-                                   params={**params, **_option_params(outputs)}, mapping=mapping)
+                                   params={**params, **_option_params(outputs)}, mapping=mapping,
+                                   known_clusters=known_clusters)
     return summary
 
 
 def _mapping_record(H_blocks, sources, seed, label_key, labels):
     """What the model keeps for ``project(reference=)``: the quantiles of the largest dataset (quantile_norm's
-    reference) per cluster and factor, and the label column named at fit."""
+    reference) per cluster and factor, and the label column named at fit; and that dataset's clusters, which
+    quantile normalisation reuses (its kNN search is the costly part: ~8 s for 500k cells)."""
     from .mapping import MappingRecord, reference_quantiles
+    from .postprocess import refined_labels
 
     sizes = [s.n_cells for s in sources]
     ref = int(np.argmax(sizes))
+    clusters = refined_labels(H_blocks[ref], random_state=seed)
     names = np.full(sizes[ref], sources[ref].name, dtype=object)
-    return MappingRecord(reference_quantiles(H_blocks[ref], names, random_state=seed), label_key=label_key,
-                         labels=tuple(labels))
+    record = MappingRecord(reference_quantiles(H_blocks[ref], names, random_state=seed, labels=clusters),
+                           label_key=label_key, labels=tuple(labels))
+    return record, {sources[ref].name: clusters}
 
 
 def fit(
@@ -622,7 +629,8 @@ def _with_seed(outputs: OutputOptions, est) -> OutputOptions:
 
 
 def align_cluster_embed(
-    H: np.ndarray, datasets: np.ndarray, outputs: OutputOptions, timings: dict[str, float], *, reference=None
+    H: np.ndarray, datasets: np.ndarray, outputs: OutputOptions, timings: dict[str, float], *, reference=None,
+    known_clusters=None,
 ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
     """Quantile-normalise H across datasets, then cluster and embed (each optional).
 
@@ -638,6 +646,9 @@ def align_cluster_embed(
     reference : ReferenceQuantiles or None
         Align each dataset onto these (``mapping.align_to_reference``) instead of normalising the datasets
         among themselves.
+    known_clusters : dict or None
+        Dataset name -> its quantile-normalisation clusters computed before (``postprocess.quantile_norm``'s
+        ``labels``).
 
     Returns
     -------
@@ -647,7 +658,7 @@ def align_cluster_embed(
 
     t = time.perf_counter()
     if reference is None:
-        H_norm, _ = postprocess.quantile_norm(H, datasets, random_state=outputs.seed)
+        H_norm, _ = postprocess.quantile_norm(H, datasets, random_state=outputs.seed, labels=known_clusters)
     else:
         from .mapping import align_to_reference
 
@@ -666,12 +677,13 @@ def align_cluster_embed(
 
 
 def _postprocess_and_write(table, H_blocks, est, genes, outputs: OutputOptions, output, summary, *, params,
-                           mapping=None):
+                           mapping=None, known_clusters=None):
     H = table.assemble(H_blocks)
     H_blocks.clear()  # the caller's list: drop the per-dataset copies of H (80 MB per million cells at K=20)
     datasets = table.datasets
     quantiles, reference = mapping if mapping is not None else (None, None)
-    H_norm, clusters, umap = align_cluster_embed(H, datasets, outputs, summary.timings, reference=quantiles)
+    H_norm, clusters, umap = align_cluster_embed(H, datasets, outputs, summary.timings, reference=quantiles,
+                                                 known_clusters=known_clusters)
     obs_columns = None
     if reference is not None:
         obs_columns = _transfer_labels(H, reference, outputs, summary.timings)

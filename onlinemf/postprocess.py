@@ -100,9 +100,10 @@ def knn_vote(neighbors: np.ndarray, labels: np.ndarray) -> np.ndarray:
 
 
 def quantiles_type7(values: np.ndarray, n_quantiles: int) -> np.ndarray:
-    """R type-7 quantiles of ``values`` at 0, 1/q, ..., 1 (shape (q+1,))."""
+    """R type-7 quantiles of ``values`` at 0, 1/q, ..., 1: shape (q+1,), or (q+1, m) for the m columns of a
+    2-D ``values`` (one call for all factors of a cluster: the same numbers as one call per column)."""
     probs = np.minimum(np.arange(n_quantiles + 1) * (1.0 / n_quantiles), 1.0)
-    return np.quantile(values, probs, method="linear")
+    return np.quantile(values, probs, axis=0, method="linear")
 
 
 def piecewise_map(values: np.ndarray, x: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -112,15 +113,27 @@ def piecewise_map(values: np.ndarray, x: np.ndarray, y: np.ndarray) -> np.ndarra
     return np.interp(values, xu, yu)
 
 
-def _subsample(values: np.ndarray, max_sample: int, rng: np.random.Generator) -> np.ndarray:
-    # Quantiles ignore order, so a sample of all values needs no draw.
+def subsample(values: np.ndarray, max_sample: int, rng: np.random.Generator) -> np.ndarray:
+    """At most ``max_sample`` of ``values`` (rows), drawn without replacement; all of them without a draw
+    (quantiles ignore order)."""
     if values.shape[0] <= max_sample:
         return values
     return values[rng.choice(values.shape[0], max_sample, replace=False)]
 
 
+def refined_labels(H: np.ndarray, n_neighbors: int = 20, *, refine_knn: bool = True, eps: float = 0.9,
+                   random_state=1) -> np.ndarray:
+    """The clusters ``quantile_norm`` gives the cells of ONE dataset: max-factor labels (:func:`max_factor_labels`),
+    then (``refine_knn``) the majority label of each cell's ``n_neighbors`` nearest cells, itself included."""
+    labels = max_factor_labels(H)
+    if refine_knn:
+        nn = knn_indices(H, min(n_neighbors, H.shape[0]), eps=eps, random_state=random_state)
+        labels = knn_vote(nn, labels)
+    return labels
+
+
 def quantile_norm(H, datasets, *, reference=None, quantiles=50, min_cells=20, n_neighbors=20,
-                  max_sample=1000, refine_knn=True, eps=0.9, random_state=1):
+                  max_sample=1000, refine_knn=True, eps=0.9, random_state=1, labels=None):
     """Quantile-normalize iNMF cell factors across datasets, as rliger's ``quantileNorm``.
 
     1. Per dataset, scale each factor by its RMS (n-1) and label each cell by its largest factor
@@ -154,6 +167,9 @@ def quantile_norm(H, datasets, *, reference=None, quantiles=50, min_cells=20, n_
     random_state : int, numpy.random.Generator or None
         Seeds the one Generator used for all subsampling, in the order dataset, cluster, factor,
         then (dataset sample, reference sample); only groups larger than ``max_sample`` draw.
+    labels : dict, optional
+        Dataset name -> that dataset's cluster labels from :func:`refined_labels` with the same settings,
+        computed before (the pipeline computes the reference's once for the model and for this call).
 
     Returns
     -------
@@ -183,16 +199,16 @@ def quantile_norm(H, datasets, *, reference=None, quantiles=50, min_cells=20, n_
         raise InputError(msg)
     rng = np.random.default_rng(random_state)
 
-    members = [np.flatnonzero(codes == d) for d in range(len(names))]
+    known = dict(labels or {})
     labels = np.empty(n_cells, dtype=np.int64)
-    for idx in members:
-        H_d = H[idx]
-        labels[idx] = max_factor_labels(H_d)
-        if refine_knn:
-            nn = knn_indices(H_d, min(n_neighbors, idx.size), eps=eps, random_state=random_state)
-            labels[idx] = knn_vote(nn, labels[idx])
-            del nn
-        del H_d
+    for d, name in enumerate(names):
+        idx = np.flatnonzero(codes == d)
+        given = known.get(name)
+        if given is not None and np.shape(given) != (idx.size,):
+            msg = f"labels[{name!r}]: expected one label per cell of the dataset ({idx.size}), found shape {np.shape(given)}"
+            raise InputError(msg)
+        labels[idx] = given if given is not None else refined_labels(H[idx], n_neighbors, refine_knn=refine_knn,
+                                                                      eps=eps, random_state=random_state)
 
     # Group cells by (dataset, cluster) once, keeping file order inside a group.
     key = codes * (n_factors + 1) + (labels + 1)
@@ -207,14 +223,20 @@ def quantile_norm(H, datasets, *, reference=None, quantiles=50, min_cells=20, n_
             if cells.size < min_cells or ref_cells.size < min_cells or cells.size == 0:
                 continue
             n_mapped += cells.size
+            values = H[cells].astype(np.float64)
+            ref_values = H[ref_cells].astype(np.float64)
+            # Draws per factor, dataset sample then reference sample (the documented order); the quantiles of all
+            # factors in one call each.
+            samples = [(subsample(values[:, j], max_sample, rng), subsample(ref_values[:, j], max_sample, rng))
+                       for j in range(n_factors)]
+            q2s = quantiles_type7(np.column_stack([a for a, _ in samples]), quantiles)
+            q1s = quantiles_type7(np.column_stack([b for _, b in samples]), quantiles)
             for j in range(n_factors):
-                values = H[cells, j].astype(np.float64)
-                q2 = quantiles_type7(_subsample(values, max_sample, rng), quantiles)
-                q1 = quantiles_type7(_subsample(H[ref_cells, j].astype(np.float64), max_sample, rng), quantiles)
+                q2, q1 = q2s[:, j], q1s[:, j]
                 if q1.sum() == 0 or q2.sum() == 0 or np.unique(q1).size < 2 or np.unique(q2).size < 2:
                     H_norm[cells, j] = 0.0
                 else:
-                    H_norm[cells, j] = piecewise_map(values, q2, q1)
+                    H_norm[cells, j] = piecewise_map(values[:, j], q2, q1)
     logger.info("quantile_norm: %d datasets, reference %r, %d of %d cells mapped",
                 len(names), names[ref], n_mapped, n_cells)
     return H_norm, labels

@@ -538,3 +538,21 @@ def test_umappp_starts_from_pca_above_the_spectral_limit(monkeypatch):
     _, near = cKDTree_query(coords.astype(np.float64), 11)
     group = np.repeat([0, 1, 2], 100)
     assert (group[near[:, 1:]] == group[:, None]).mean() > 0.95
+
+
+def test_quantile_norm_with_given_labels_equals_computing_them():
+    from onlinemf.postprocess import refined_labels
+
+    rng = np.random.default_rng(14)
+    H = rng.gamma(0.5, 1.0, size=(900, 6))
+    datasets = np.repeat(["a", "b"], [600, 300])
+    expected = quantile_norm(H, datasets, max_sample=50, random_state=4)
+    given = {"a": refined_labels(H[:600], random_state=4)}
+    got = quantile_norm(H, datasets, max_sample=50, random_state=4, labels=given)
+    np.testing.assert_array_equal(got[0], expected[0])
+    np.testing.assert_array_equal(got[1], expected[1])
+    # Labels that are not the dataset's clusters change the result: they are used, not recomputed.
+    other = quantile_norm(H, datasets, max_sample=50, random_state=4, labels={"a": np.zeros(600, dtype=np.int64)})
+    assert not np.array_equal(other[0], expected[0])
+    with pytest.raises(InputError, match=r"labels\['a'\]: expected one label per cell"):
+        quantile_norm(H, datasets, labels={"a": np.zeros(5, dtype=np.int64)})
