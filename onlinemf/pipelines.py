@@ -233,7 +233,7 @@ def _finish(scenario, est, inputs, sources, prepared, reading: InputOptions, out
             table = ResultsTable.from_sources(inputs, sources, reading.batch_key)
             _postprocess_and_write(table, H, est, prepared.genes, outputs, output, summary,
                                    params={**params, **_option_params(outputs)}, mapping=mapping,
-                                   known_clusters=known_clusters)
+                                   known_clusters=known_clusters, progress=progress)
     return summary
 
 
@@ -630,7 +630,7 @@ def _with_seed(outputs: OutputOptions, est) -> OutputOptions:
 
 def align_cluster_embed(
     H: np.ndarray, datasets: np.ndarray, outputs: OutputOptions, timings: dict[str, float], *, reference=None,
-    known_clusters=None,
+    known_clusters=None, progress: ProgressFactory = NullProgress,
 ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
     """Quantile-normalise H across datasets, then cluster and embed (each optional).
 
@@ -649,6 +649,8 @@ def align_cluster_embed(
     known_clusters : dict or None
         Dataset name -> its quantile-normalisation clusters computed before (``postprocess.quantile_norm``'s
         ``labels``).
+    progress : callable
+        Progress-bar factory: one step per phase (minutes each at a million cells).
 
     Returns
     -------
@@ -656,34 +658,42 @@ def align_cluster_embed(
     """
     from . import postprocess
 
-    t = time.perf_counter()
-    if reference is None:
-        H_norm, _ = postprocess.quantile_norm(H, datasets, random_state=outputs.seed, labels=known_clusters)
-    else:
-        from .mapping import align_to_reference
+    steps = 1 + bool(outputs.cluster) + bool(outputs.umap)
+    with progress(total=steps, desc="post-process", unit="step") as bar:
+        bar.set_postfix(step="quantile norm")
+        t = time.perf_counter()
+        if reference is None:
+            H_norm, _ = postprocess.quantile_norm(H, datasets, random_state=outputs.seed, labels=known_clusters)
+        else:
+            from .mapping import align_to_reference
 
-        H_norm, _ = align_to_reference(H, reference, datasets=datasets, random_state=outputs.seed)
-    timings["quantile_norm_s"] = time.perf_counter() - t
-    clusters = umap = None
-    if outputs.cluster:
-        t = time.perf_counter()
-        clusters = postprocess.cluster_leiden(H_norm, resolution=outputs.resolution, random_state=outputs.seed)
-        timings["cluster_s"] = time.perf_counter() - t
-    if outputs.umap:
-        t = time.perf_counter()
-        umap = postprocess.run_umap(H_norm, random_state=outputs.seed)
-        timings["umap_s"] = time.perf_counter() - t
+            H_norm, _ = align_to_reference(H, reference, datasets=datasets, random_state=outputs.seed)
+        timings["quantile_norm_s"] = time.perf_counter() - t
+        bar.update(1)
+        clusters = umap = None
+        if outputs.cluster:
+            bar.set_postfix(step="Leiden")
+            t = time.perf_counter()
+            clusters = postprocess.cluster_leiden(H_norm, resolution=outputs.resolution, random_state=outputs.seed)
+            timings["cluster_s"] = time.perf_counter() - t
+            bar.update(1)
+        if outputs.umap:
+            bar.set_postfix(step="UMAP")
+            t = time.perf_counter()
+            umap = postprocess.run_umap(H_norm, random_state=outputs.seed)
+            timings["umap_s"] = time.perf_counter() - t
+            bar.update(1)
     return H_norm, clusters, umap
 
 
 def _postprocess_and_write(table, H_blocks, est, genes, outputs: OutputOptions, output, summary, *, params,
-                           mapping=None, known_clusters=None):
+                           mapping=None, known_clusters=None, progress: ProgressFactory = NullProgress):
     H = table.assemble(H_blocks)
     H_blocks.clear()  # the caller's list: drop the per-dataset copies of H (80 MB per million cells at K=20)
     datasets = table.datasets
     quantiles, reference = mapping if mapping is not None else (None, None)
     H_norm, clusters, umap = align_cluster_embed(H, datasets, outputs, summary.timings, reference=quantiles,
-                                                 known_clusters=known_clusters)
+                                                 known_clusters=known_clusters, progress=progress)
     obs_columns = None
     if reference is not None:
         obs_columns = _transfer_labels(H, reference, outputs, summary.timings)

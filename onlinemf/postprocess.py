@@ -483,10 +483,31 @@ def run_umap(X, *, n_neighbors=20, min_dist=0.1, metric="cosine", random_state=4
     if X.shape[0] < 4:
         msg = f"X: expected at least 4 cells for UMAP, found {X.shape[0]}"
         raise InputError(msg)
+    first, inverse = distinct_rows(X)
+    if first.size < X.shape[0] and first.size >= 4:
+        # Identical rows get identical places: embed each distinct row once. Duplicates make UMAP's graph
+        # degenerate (every edge at distance 0, weight 1, sampled every epoch): 100k cells drawn with
+        # replacement from Kang's 14k took 3x as long per epoch as 100k distinct ones.
+        logger.info("run_umap: %d distinct rows among %d cells; each embedded once", first.size, X.shape[0])
+        return run_umap(X[first], n_neighbors=n_neighbors, min_dist=min_dist, metric=metric,
+                        random_state=random_state)[inverse]
     k = min(n_neighbors, X.shape[0] - 1)
     if metric in ("cosine", "euclidean") and _optional("scranpy") is not None:
         return _umap_umappp(X, k, min_dist=min_dist, metric=metric, seed=_seed(random_state))
     return _umap_learn(X, k, min_dist=min_dist, metric=metric, random_state=random_state)
+
+
+def distinct_rows(X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(first, inverse)``: the index of each distinct row's first occurrence, in file order, and for every row
+    the position of its distinct row in ``first`` (``X[first][inverse]`` equals X). Rows are compared by their
+    bytes (a 1M x 20 float32 matrix: one sort of 80-byte keys)."""
+    rows = np.ascontiguousarray(X)
+    keys = rows.view(np.dtype((np.void, rows.dtype.itemsize * rows.shape[1]))).ravel()
+    _, first, inverse = np.unique(keys, return_index=True, return_inverse=True)
+    order = np.argsort(first, kind="stable")  # np.unique sorts by bytes; keep file order
+    rank = np.empty_like(order)
+    rank[order] = np.arange(order.size)
+    return first[order], rank[inverse.ravel()]
 
 
 def umap_epochs(n_cells: int) -> int:

@@ -328,18 +328,20 @@ def test_update_writes_no_reference_quantiles(reference, tmp_path):
 
 
 def test_fit_with_a_model_reuses_the_reference_clusters_and_gives_the_same_results(tmp_path, monkeypatch):
-    """With --model the reference dataset's clusters are computed once, for the model's mapping record and for
+    """With a model the reference dataset's clusters are computed once, for the model's mapping record and for
     quantile normalisation; the normalised H must equal a run without a model (which computes them itself)."""
-    from onlinemf import _keys, postprocess
+    from onlinemf import _keys, pipelines, postprocess
 
     calls = []
     real = postprocess.refined_labels
     monkeypatch.setattr(postprocess, "refined_labels", lambda H, *a, **k: calls.append(H.shape[0]) or real(H, *a, **k))
-    common = [TINY, "--batch-key", "batch", "--k", "8", "--epochs", "2", "--batch-size", "200", "--no-umap", "--quiet"]
+    options = {"params": pipelines.ModelParams(k=8, epochs=2, batch_size=200),
+               "reading": pipelines.InputOptions(batch_key="batch"), "outputs": pipelines.OutputOptions(umap=False)}
     a, b = tmp_path / "with_model.h5ad", tmp_path / "without_model.h5ad"
-    assert _cli(["fit", *common, "-o", a, "--model", tmp_path / "m.h5"]).exit_code == 0
+    pipelines.fit([TINY], output=a, model=tmp_path / "m.h5", **options)
     assert len(calls) == 2  # one per dataset: the reference's for the model, reused by quantile_norm
-    assert _cli(["fit", *common, "-o", b]).exit_code == 0
+    pipelines.fit([TINY], output=b, model=None, **options)
+    assert len(calls) == 4
     ra, rb = ad.read_h5ad(a), ad.read_h5ad(b)
     np.testing.assert_array_equal(ra.obsm[_keys.OBSM_H_NORM], rb.obsm[_keys.OBSM_H_NORM])
     np.testing.assert_array_equal(ra.obs[_keys.OBS_CLUSTER].to_numpy(), rb.obs[_keys.OBS_CLUSTER].to_numpy())

@@ -556,3 +556,33 @@ def test_quantile_norm_with_given_labels_equals_computing_them():
     assert not np.array_equal(other[0], expected[0])
     with pytest.raises(InputError, match=r"labels\['a'\]: expected one label per cell"):
         quantile_norm(H, datasets, labels={"a": np.zeros(5, dtype=np.int64)})
+
+
+def test_distinct_rows_keep_file_order_and_rebuild_the_matrix():
+    from onlinemf.postprocess import distinct_rows
+
+    X = np.array([[1.0, 2.0], [0.0, 0.0], [1.0, 2.0], [3.0, 1.0], [0.0, 0.0]], dtype=np.float32)
+    first, inverse = distinct_rows(X)
+    np.testing.assert_array_equal(first, [0, 1, 3])
+    np.testing.assert_array_equal(inverse, [0, 1, 0, 2, 1])
+    np.testing.assert_array_equal(X[first][inverse], X)
+    first, inverse = distinct_rows(X[[3, 0, 1]])
+    np.testing.assert_array_equal(first, [0, 1, 2])
+
+
+def test_umap_places_identical_rows_together_and_embeds_each_once(monkeypatch):
+    pytest.importorskip("scranpy")
+    from onlinemf import postprocess
+
+    rng = np.random.default_rng(10)
+    X = np.abs(rng.normal(0.5, 0.3, size=(300, 8)))
+    X[np.arange(300), np.repeat([0, 1, 2], 100)] += 4.0
+    copies = X[rng.integers(0, 300, 600)]
+    seen = []
+    real = postprocess._umap_umappp
+    monkeypatch.setattr(postprocess, "_umap_umappp", lambda Y, *a, **k: seen.append(Y.shape[0]) or real(Y, *a, **k))
+    coords = run_umap(np.vstack([X, copies]), n_neighbors=15, random_state=1)
+    assert seen == [300]  # the 600 copies are not embedded again
+    np.testing.assert_array_equal(coords[:300], run_umap(X, n_neighbors=15, random_state=1))
+    first, inverse = postprocess.distinct_rows(np.vstack([X, copies]))
+    np.testing.assert_array_equal(coords, coords[first][inverse])
