@@ -351,12 +351,12 @@ def leiden_membership(igraph, graph: sparse.spmatrix, *, resolution: float, n_it
     back afterwards: a seed reproduces the partition without touching the global ``random`` state.
     """
     coo = graph.tocoo()
-    # A list of tuples is what igraph converts fastest (Kang, 461k edges: 0.5 s; ndarray 1.4 s), but it costs
-    # ~150 bytes an edge (1M cells: ~35M edges), so large graphs get their edges in slices.
+    # Edges go in slices of an (m, 2) int64 array: as fast as a list of tuples (4M edges: 1.9 s each) with a
+    # third of the memory (RSS +275 MB against +734 MB); the slices bound the copy (1M cells: ~24M edges).
     g = igraph.Graph(n=graph.shape[0], directed=False)
     for start in range(0, coo.nnz, LEIDEN_EDGE_SLICE):
         stop = start + LEIDEN_EDGE_SLICE
-        g.add_edges(list(zip(coo.row[start:stop].tolist(), coo.col[start:stop].tolist())))
+        g.add_edges(np.column_stack([coo.row[start:stop], coo.col[start:stop]]).astype(np.int64))
     # Weights go as an array: the same partition as a list, without a list of ~24M Python floats at 1M cells.
     igraph.set_random_number_generator(random.Random(random_state))
     try:
