@@ -9,6 +9,10 @@ Prints, for real H factors (onlinemf fits of the demo, Kang, cellbench 5 cell li
    Candidates: umap-learn (exact cosine kNN passed in, the previous default); umap-learn with a persistent
    numba cache (NUMBA_CACHE_DIR + ``enable_caching()`` on its kernels); umappp via scranpy (the new default,
    umap-learn's epochs: 500 up to 10k cells, else 200) and with umappp's own epoch rule.
+1b. ``umap-start`` (not in the default set): umappp from its spectral start against the PCA start used above
+   50k cells, same kNN and epochs, seeds 1-3: seconds and 15-NN preservation.
+1c. ``umap-scaling`` (not in the default set): umappp seconds per epoch at ``--scaling-sizes`` cells, for
+   distinct synthetic cells and for Kang cells drawn with replacement (exact duplicate rows).
 2. Leiden on the same SNN graph: leidenalg (RBConfiguration, until converged; the previous default) against
    igraph's ``community_leiden`` (modularity, until converged; the new default): seconds, modularity,
    clusters, ARI against cell types where the data has them, ARI between the two.
@@ -21,6 +25,7 @@ Prints, for real H factors (onlinemf fits of the demo, Kang, cellbench 5 cell li
     .venv/bin/python benchmarks/bench_postprocess.py                 # all sections (~6 min on 2 cores)
     .venv/bin/python benchmarks/bench_postprocess.py --sections umap --datasets demo
     .venv/bin/python benchmarks/bench_postprocess.py --sections big --big 1000000
+    .venv/bin/python benchmarks/bench_postprocess.py --sections umap-start umap-scaling --datasets demo kang
 
 Wall times on a shared machine are noisy; CPU seconds of the process are printed beside them.
 """
@@ -317,10 +322,68 @@ def bench_big(n_cells: int, old: bool) -> list[dict]:
     return rows
 
 
+def bench_umap_start(names: list[str], seeds=(1, 2, 3)) -> list[dict]:
+    """UMAP from the spectral start against the PCA start (used above SPECTRAL_INIT_MAX_CELLS), same kNN and epochs."""
+    from onlinemf import postprocess
+
+    rows = []
+    limit = postprocess.SPECTRAL_INIT_MAX_CELLS
+    try:
+        for name in names:
+            X = factors(name)["H_norm"]
+            for start, threshold in (("spectral", 10**12), ("pca", 0)):
+                postprocess.SPECTRAL_INIT_MAX_CELLS = threshold
+                for seed in seeds:
+                    t = time.perf_counter()
+                    Y = postprocess.run_umap(X, random_state=seed)
+                    row = {"data": name, "start": start, "seed": seed, "wall_s": time.perf_counter() - t,
+                           "knn15": knn_preservation(X, Y)}
+                    print(f"  {name:10s} {start:8s} seed {seed}: {row['wall_s']:6.2f} s, 15-NN {row['knn15']:.4f}",
+                          flush=True)
+                    rows.append(row)
+    finally:
+        postprocess.SPECTRAL_INIT_MAX_CELLS = limit
+    return rows
+
+
+def bench_umap_scaling(sizes: list[int], epochs: int = 10) -> list[dict]:
+    """Seconds per umappp epoch (PCA start) for distinct cells (synthetic_H) and for Kang cells drawn with
+    replacement (exact duplicates, as in the resampled 1M file), embedded as they are."""
+    import knncolle
+    import scranpy
+
+    from onlinemf import postprocess
+
+    rows = []
+    kang = factors("kang")
+    for n in sizes:
+        rng = np.random.default_rng(0)
+        pick = rng.integers(0, kang["H"].shape[0], n)
+        for kind, H in (("distinct", synthetic_H(n)[0]), ("duplicates", kang["H"][pick].astype(np.float32))):
+            idx, dist = postprocess.cosine_knn(H, 20)
+            others = idx != np.arange(n)[:, None]
+            first = np.argsort(~others, axis=1, kind="stable")[:, :19]
+            knn = knncolle.FindKnnResults(np.ascontiguousarray(np.take_along_axis(idx, first, 1).astype(np.int32)),
+                                          np.ascontiguousarray(np.take_along_axis(dist, first, 1).astype(np.float64)))
+            start = postprocess.pca_coordinates(H)
+            times = []
+            for n_epochs in (2, 2 + epochs):
+                t = time.perf_counter()
+                scranpy.run_umap(knn, num_epochs=n_epochs, initialize_method="none", initial_coordinates=start)
+                times.append(time.perf_counter() - t)
+            row = {"cells": n, "kind": kind, "s_per_epoch": (times[1] - times[0]) / epochs,
+                   "distinct_rows": int(postprocess.distinct_rows(H)[0].size)}
+            print(f"  {n:>9,} {kind:10s}: {row['s_per_epoch']:.3f} s per epoch ({row['distinct_rows']:,} distinct rows)",
+                  flush=True)
+            rows.append(row)
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sections", nargs="+", default=["umap", "leiden", "quantile", "pipeline", "big"],
-                        choices=["umap", "leiden", "quantile", "pipeline", "big"])
+                        choices=["umap", "umap-start", "umap-scaling", "leiden", "quantile", "pipeline", "big"])
+    parser.add_argument("--scaling-sizes", nargs="+", type=int, default=[100_000, 300_000])
     parser.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=list(DATASETS))
     parser.add_argument("--umap-candidates", nargs="+", default=UMAP_CANDIDATES, choices=UMAP_CANDIDATES)
     parser.add_argument("--big", type=int, default=1_000_000, help="cells of the synthetic H")
@@ -333,6 +396,12 @@ def main() -> None:
         print("\n1. UMAP (fresh processes; 'again' = a second fresh process)")
         umap_data = [n for n in args.datasets if n in ("demo", "kang")] or args.datasets
         results["umap"] = bench_umap(umap_data, args.umap_candidates)
+    if "umap-start" in args.sections:
+        print("\n1b. UMAP from the spectral start against the PCA start (same kNN, same epochs)")
+        results["umap_start"] = bench_umap_start([n for n in args.datasets if n in ("demo", "kang")])
+    if "umap-scaling" in args.sections:
+        print("\n1c. umappp seconds per epoch: distinct cells against cells drawn with replacement")
+        results["umap_scaling"] = bench_umap_scaling(args.scaling_sizes)
     if "leiden" in args.sections:
         print("\n2. Leiden on the SNN graph of H_norm (resolution 1)")
         results["leiden"] = bench_leiden(args.datasets)
