@@ -12,7 +12,8 @@ Usage::
     .venv/bin/python benchmarks/bench_walltime.py --big benchmarks/_work/big_1m.h5ad --big-default
     .venv/bin/python benchmarks/bench_walltime.py --runs threads        # only 1 vs 2 threads on 140k cells
 
-"--runs" picks among demo, kang, kang-fast, big, pyliger, threads. The big file is made by
+"--runs" picks among demo, kang, kang-fast, big, big-default, pyliger, pyliger-leiden (pyliger with its
+leiden_cluster, 10 starts: what the issue compared against), threads. The big file is made by
 ``benchmarks/make_big_h5ad.py``. The thread comparison loads ``_work/prepared_x10.npz`` (written by
 ``bench_engine.py --scale 10``) and times ``OnlineINMF(n_threads=n).fit`` alternately in one process.
 """
@@ -70,15 +71,15 @@ def header() -> str:
     return f"{'run':<34} {'wall':>7} {' '.join(f'{n:>7}' for n in names)} {'peak MB':>8}"
 
 
-def pyliger_pipeline(seed: int) -> dict:
-    """pyliger 0.2.4's pipeline on Kang (with and without Louvain), warm, in its own venv; phase times."""
+def pyliger_pipeline(seed: int, clustering: str = "louvain") -> dict:
+    """pyliger 0.2.4's pipeline on Kang (with and without its clustering), warm, in its own venv; phase times."""
     sys.path.insert(0, str(BENCH))
     from bench_quality import pyliger_python  # creates the venv on first use
 
     python = pyliger_python()
     out = WORK / "walltime_pyliger_{seed}.npz"
     cmd = [str(python), str(BENCH / "_runners" / "quality_pyliger.py"), "--input", str(KANG), "--output", str(out),
-           "--seeds", str(seed), str(seed)]  # twice: the second run is warm (imports, numba caches)
+           "--seeds", str(seed), str(seed), "--clustering", clustering]  # twice: the second is warm
     subprocess.run(cmd, check=True, capture_output=True)
     import numpy as np
 
@@ -108,7 +109,8 @@ def threads_comparison(repeats: int) -> list[tuple[int, float]]:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--runs", nargs="+", default=["demo", "kang", "kang-fast", "pyliger", "threads"],
-                   choices=["demo", "kang", "kang-fast", "big", "big-default", "pyliger", "threads"])
+                   choices=["demo", "kang", "kang-fast", "big", "big-default", "pyliger", "pyliger-leiden",
+                            "threads"])
     p.add_argument("--big", type=Path, default=WORK / "big_1m.h5ad")
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--output", type=Path, default=WORK / "walltime.json")
@@ -145,6 +147,8 @@ def main() -> None:
                    run_cli([str(args.big), "--k", "20", "--lambda", "5", "--no-cluster", "--no-umap"], out))
         if "big-default" in args.runs:
             record(f"{args.big.name} default", run_cli([str(args.big), "--k", "20", "--lambda", "5"], out))
+    if "pyliger-leiden" in args.runs:
+        record("pyliger kang (Leiden, 10 starts)", pyliger_pipeline(1, "leiden"))
     if "pyliger" in args.runs:
         r = pyliger_pipeline(1)
         record("pyliger kang (Louvain)", r)
