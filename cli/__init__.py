@@ -328,11 +328,11 @@ def project(model: Path, inputs: tuple[Path, ...], batch_key: str | None, layer:
 
 
 @main.command()
-@click.argument("path", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("path", type=click.Path(path_type=Path))
 @click.option("--batch-key", default=None, help="Also list the categories of this obs column.")
 @_user_errors
 def info(path: Path, batch_key: str | None) -> None:
-    """Describe an .h5ad, a 10x .h5 or an onlinemf model file."""
+    """Describe an .h5ad, a 10x .h5, an AnnData .zarr store or an onlinemf model file."""
     from onlinemf.info import describe_path
 
     click.echo(describe_path(path, batch_key=batch_key))

@@ -26,7 +26,7 @@ def describe_path(path: str | os.PathLike, *, batch_key: str | None = None) -> s
     Parameters
     ----------
     path : path
-        An ``.h5ad``, a 10x ``.h5`` or an onlinemf model file.
+        An ``.h5ad``, a 10x ``.h5``, an AnnData ``.zarr`` store or an onlinemf model file.
     batch_key : str or None
         Also list the categories of this obs column and their cell counts.
 
@@ -39,9 +39,15 @@ def describe_path(path: str | os.PathLike, *, batch_key: str | None = None) -> s
     if not path.exists():
         msg = f"{path}: file not found"
         raise InputError(msg)
-    if _is_model(path):
+    from .readers import batch_rows, describe, is_zarr_store
+    from .readers._zarr import zarr_batch_rows
+
+    zarr = is_zarr_store(path)
+    if path.is_dir() and not zarr:
+        msg = f"{path}: expected an .h5ad, a 10x .h5, a model file or an AnnData .zarr store, found a folder"
+        raise InputError(msg)
+    if not zarr and _is_model(path):
         return _describe_model(path)
-    from .readers import batch_rows, describe
 
     info = describe(path)
     lines = [f"file      {path}", f"format    {info['format']}", f"cells     {info['n_cells']:,}", f"genes     {info['n_genes']:,}"]
@@ -58,7 +64,8 @@ def describe_path(path: str | os.PathLike, *, batch_key: str | None = None) -> s
         lines.append("obs       " + ", ".join(f"{k} ({v})" if v else k for k, v in cats.items()))
     if batch_key is not None:
         lines.append(f"batches of '{batch_key}':")
-        lines.extend(f"  {name}\t{len(rows):,} cells" for name, rows in batch_rows(path, batch_key))
+        split = zarr_batch_rows(path, batch_key) if zarr else batch_rows(path, batch_key)
+        lines.extend(f"  {name}\t{len(rows):,} cells" for name, rows in split)
     elif cats:
         from .readers import guess_batch_key
 

@@ -142,3 +142,26 @@ def test_damaged_stores_are_refused_in_one_line_and_a_damaged_unused_column_left
     assert list(obs.columns) == ["batch"]
     np.testing.assert_array_equal(obs.index, adata.obs_names)
     assert "obs/label" in caplog.text and "left out" in caplog.text
+
+
+def test_cli_info_describes_a_store_as_it_describes_the_h5ad(stores, tmp_path):
+    from click.testing import CliRunner
+    from onlinemf.cli import main
+
+    h5ad, store = stores
+    outputs = {}
+    for name, path in (("h", h5ad), ("z", store)):
+        res = CliRunner().invoke(main, ["info", str(path), "--batch-key", "batch"])
+        assert res.exit_code == 0, res.output
+        outputs[name] = res.output.splitlines()
+    # The same cells, genes, obs columns and batches; the file, the format and X's encoding (dense store) may differ.
+    same = [[line for line in outputs[k] if not line.startswith(("file", "format", "X "))] for k in ("h", "z")]
+    assert same[0] == same[1]
+    assert "format    zarr" in outputs["z"]
+    assert ("X         dense" if "dense" in store.name else "X         csr") in outputs["z"]
+    assert any(line.startswith("batches of 'batch'") for line in outputs["z"])
+    folder = tmp_path / "not_a_store"
+    folder.mkdir()
+    res = CliRunner().invoke(main, ["info", str(folder)])
+    assert res.exit_code == 1
+    assert "expected an .h5ad, a 10x .h5, a model file or an AnnData .zarr store, found a folder" in res.output
