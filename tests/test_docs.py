@@ -30,3 +30,13 @@ def test_outputs_doc_names_every_tl_slot():
     text = (DOCS / "outputs.md").read_text()
     for attr, key in _keys.slots("<key>").items():
         assert f"`{attr}['{key}']`" in text, f"tl.integrate slot {attr}['{key}'] missing from docs/outputs.md"
+
+
+def test_cli_reference_is_the_current_help():
+    """docs/cli.md is generated from the commands' --help; regenerate it with `python docs/make_cli_reference.py`."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("make_cli_reference", DOCS / "make_cli_reference.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert (DOCS / "cli.md").read_text() == module.render(), "docs/cli.md is stale: run python docs/make_cli_reference.py"
