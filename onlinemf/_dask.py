@@ -179,7 +179,6 @@ def stats_pass(client: Any, sources: Sequence[Source], block_size: int, progress
     """
     from distributed import KilledWorker
 
-
     check_client(client)
     accumulators = [_StatsAccumulator(src) for src in sources]  # refuses an empty dataset before any task
     chunks = stats_chunks(list(sources), block_size)

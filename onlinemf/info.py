@@ -40,7 +40,6 @@ def describe_path(path: str | os.PathLike, *, batch_key: str | None = None) -> s
         msg = f"{path}: file not found"
         raise InputError(msg)
     from .readers import batch_rows, describe, is_zarr_store
-    from .readers._zarr import zarr_batch_rows
 
     zarr = is_zarr_store(path)
     if path.is_dir() and not zarr:
@@ -64,8 +63,7 @@ def describe_path(path: str | os.PathLike, *, batch_key: str | None = None) -> s
         lines.append("obs       " + ", ".join(f"{k} ({v})" if v else k for k, v in cats.items()))
     if batch_key is not None:
         lines.append(f"batches of '{batch_key}':")
-        split = zarr_batch_rows(path, batch_key) if zarr else batch_rows(path, batch_key)
-        lines.extend(f"  {name}\t{len(rows):,} cells" for name, rows in split)
+        lines.extend(f"  {name}\t{len(rows):,} cells" for name, rows in batch_rows(path, batch_key))
     elif cats:
         from .readers import guess_batch_key
 

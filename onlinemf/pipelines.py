@@ -157,7 +157,8 @@ class RunSummary:
     timings: dict[str, float] = field(default_factory=dict)
 
 
-#: Makes progress bars: ``progress(total=, desc=, unit=)`` -> a context manager with ``update(n)``.
+#: Makes progress bars: ``progress(total=, desc=, unit=)`` -> a context manager with tqdm's ``update(n)``,
+#: ``set_postfix(**fields)`` and ``refresh()`` (the step name and the epoch go in the postfix).
 ProgressFactory = Callable[..., Any]
 PathLike = str | os.PathLike
 
@@ -297,7 +298,8 @@ def fit(
     cache : {"auto", "memory", "disk"} or None
         Where the prepared data is kept between epochs; "auto": memory up to 200,000 cells.
     progress : callable
-        Progress-bar factory, ``progress(total=, desc=, unit=)`` -> context manager with ``update(n)``.
+        Progress-bar factory, ``progress(total=, desc=, unit=)`` -> context manager with ``update(n)``,
+        ``set_postfix(**fields)`` and ``refresh()`` (tqdm's names; ``_progress.tqdm_progress`` for the CLI).
     client : dask.distributed.Client or None
         Run the mini-batch steps on this Dask cluster (its workers read the inputs, which must be at the same
         paths for them); the model and H equal the local ones. The statistics pass, the mini-batch steps and the

@@ -200,6 +200,10 @@ def quantile_norm(H, datasets, *, reference=None, quantiles=50, min_cells=20, n_
     rng = np.random.default_rng(random_state)
 
     known = dict(labels or {})
+    unknown = sorted(set(known) - set(names))
+    if unknown:
+        msg = f"labels: expected names among the datasets {names}, found {unknown}"
+        raise InputError(msg)
     labels = np.empty(n_cells, dtype=np.int64)
     for d, name in enumerate(names):
         idx = np.flatnonzero(codes == d)

@@ -556,6 +556,8 @@ def test_quantile_norm_with_given_labels_equals_computing_them():
     assert not np.array_equal(other[0], expected[0])
     with pytest.raises(InputError, match=r"labels\['a'\]: expected one label per cell"):
         quantile_norm(H, datasets, labels={"a": np.zeros(5, dtype=np.int64)})
+    with pytest.raises(InputError, match=r"labels: expected names among the datasets \['a', 'b'\], found \['c'\]"):
+        quantile_norm(H, datasets, labels={"c": np.zeros(600, dtype=np.int64)})
 
 
 def test_distinct_rows_keep_file_order_and_rebuild_the_matrix():

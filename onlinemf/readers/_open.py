@@ -32,7 +32,7 @@ from ._h5 import (
 )
 from ._h5ad import H5adSource, layer_names, matrix_encoding, matrix_shape
 from ._tenx import TenxH5Source, tenx_layout
-from ._zarr import is_zarr_store, open_zarr_sources, zarr_describe, zarr_read_obs
+from ._zarr import is_zarr_store, open_zarr_sources, zarr_batch_rows, zarr_describe, zarr_read_obs
 
 logger = logging.getLogger(__name__)
 
@@ -79,8 +79,11 @@ def open_source(path, *, layer=None, use_raw=False, genome=None, name=None, **h5
 def batch_rows(path, batch_key: str) -> list[tuple[str, np.ndarray]]:
     """``(category, sorted file rows)`` for each category of ``obs[batch_key]`` with cells, in category order.
 
-    Reads only that obs column (cheap: use it to count cells per batch without opening sources).
+    Reads only that obs column (cheap: use it to count cells per batch without opening sources). ``path`` may
+    be an ``.h5ad`` or an AnnData ``.zarr`` store.
     """
+    if is_zarr_store(path):
+        return zarr_batch_rows(path, batch_key)
     with open_h5(path) as h5:
         if detect_format(h5) != "h5ad":
             msg = f"{path}: batch_key= needs an .h5ad file with obs columns, found a {detect_format(h5)} file"
