@@ -163,7 +163,7 @@ def _input_obs(path: Path, sources) -> pd.DataFrame:
 
 
 def write_results(path, table: ResultsTable, *, H, H_norm=None, clusters=None, umap=None, W, selected, uns, copy_x=False,
-                  obs_columns=None):
+                  obs_columns=None, obs=None):
     """Write the results ``.h5ad`` (or a ``.zarr`` store when ``path`` ends in ``.zarr``) atomically.
 
     Written under a temporary name (a temporary folder for zarr) that is renamed into place when complete.
@@ -177,13 +177,15 @@ def write_results(path, table: ResultsTable, *, H, H_norm=None, clusters=None, u
     selected : bool ndarray of shape (n_genes,)
     obs_columns : dict of name -> array of shape (n_cells,), optional
         More obs columns (``project --reference``: label, confidence, mapping distance).
+    obs : DataFrame or None
+        ``table.read_obs()`` when the caller has read it already (it is changed here).
     """
     if copy_x and table.single_h5ad is None:
         msg = "--copy-x: counts can be copied only from a single .h5ad input; found several inputs or a 10x file"
         raise InputError(msg)
     var = pd.DataFrame(index=pd.Index(table.var_names.astype(str)))
     var[_keys.VAR_SELECTED] = selected
-    obs = table.read_obs()
+    obs = table.read_obs() if obs is None else obs
     if clusters is not None:
         labels = np.asarray(clusters).astype(str)
         obs[_keys.OBS_CLUSTER] = pd.Categorical(labels, categories=sorted(set(labels), key=_natural))

@@ -21,11 +21,13 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 
 from ._errors import InputError
+from ._cores import usable_cores
 from ._files import atomic_output, check_output_path, remove_stale_temporaries
 from ._prepared import build_caches
 from ._progress import NullProgress
 from ._reference import ReferenceCells, input_labels, read_reference
 from ._results import ResultsTable, write_results
+from ._umap_process import UMAPProcess, UMAPProcessError
 from .engine import OnlineINMF
 from .model_io import Checkpoint, load_model, read_checkpoint, save_model
 from .preprocess import prepare
@@ -212,7 +214,7 @@ def _dask_stats_pass(client):
 
 def _finish(scenario, est, inputs, sources, prepared, reading: InputOptions, outputs: OutputOptions, progress, *,
             output, model, model_kwargs, timings, params: dict, project=False, client=None,
-            reference_labels=None, mapping=None) -> RunSummary:
+            reference_labels=None, mapping=None, umap_process=None) -> RunSummary:
     """Final H (with the objective), then model and results: the model is renamed into place only after the
     results are written, so a run leaves all its outputs or none.
 
@@ -234,7 +236,7 @@ def _finish(scenario, est, inputs, sources, prepared, reading: InputOptions, out
             table = ResultsTable.from_sources(inputs, sources, reading.batch_key)
             _postprocess_and_write(table, H, est, prepared.genes, outputs, output, summary,
                                    params={**params, **_option_params(outputs)}, mapping=mapping,
-                                   known_clusters=known_clusters, progress=progress)
+                                   known_clusters=known_clusters, progress=progress, umap_process=umap_process)
     return summary
 
 
@@ -334,7 +336,8 @@ def fit(
         logger.info("no checkpoint at %s yet: starting from the beginning", checkpoint)
     t0 = time.perf_counter()
     timings: dict[str, float] = {}
-    with threadpool_limits(limits=params.threads), set_read_threads(params.threads):
+    with threadpool_limits(limits=params.threads), set_read_threads(params.threads), \
+            _umap_helper(outputs, output, params.threads) as umap_process:
         select = {"thresh": selection.var_thresh, "alpha": selection.alpha, "n_genes": selection.n_genes,
                   "combine": selection.combine, "unshared_thresh": selection.unshared_thresh,
                   "unshared": list(selection.unshared) if unshared_genes is None else unshared_genes}
@@ -358,7 +361,7 @@ def fit(
                               model=model, timings=timings, client=client,
                               model_kwargs={"scaling": prepared.scales, "info": _model_info(selection, reading, inputs)},
                               params={**_estimator_params(est), **_option_params(params, reading, selection)},
-                              reference_labels=(label_key, labels))
+                              reference_labels=(label_key, labels), umap_process=umap_process)
     if checkpoint is not None and Path(checkpoint).exists():
         # A finished run needs no checkpoint: the model file holds the result.
         Path(checkpoint).unlink()
@@ -421,7 +424,8 @@ def update(
             raise InputError(msg)
 
     timings: dict[str, float] = {}
-    with threadpool_limits(limits=threads), set_read_threads(threads), _prepared_inputs(
+    with threadpool_limits(limits=threads), set_read_threads(threads), \
+            _umap_helper(outputs, output, threads) as umap_process, _prepared_inputs(
         inputs, reading, outputs, progress, genes=np.asarray(est.var_names_in_),
         cache=cache if client is None else None, check=check, client=client
     ) as (sources, prepared):
@@ -434,7 +438,8 @@ def update(
         summary = _finish("update", est, inputs, sources, prepared, reading, outputs, progress, output=output,
                           model=model_out, timings=timings, client=client,
                           model_kwargs={"scaling": {**(saved.scaling or {}), **prepared.scales}, "info": saved.info},
-                          params={**_estimator_params(est), "threads": threads, **_option_params(reading)})
+                          params={**_estimator_params(est), "threads": threads, **_option_params(reading)},
+                          umap_process=umap_process)
     summary.seconds = time.perf_counter() - t0
     return summary
 
@@ -489,13 +494,14 @@ def project(
     saved = load_model(model)
     est = saved.estimator.set_params(n_threads=threads)
     mapping = _mapping_inputs(saved, model, reference, label_key)  # every check before any work
-    with threadpool_limits(limits=threads), set_read_threads(threads), _prepared_inputs(
+    with threadpool_limits(limits=threads), set_read_threads(threads), \
+            _umap_helper(outputs, output, threads) as umap_process, _prepared_inputs(
         inputs, reading, outputs, progress, genes=np.asarray(est.var_names_in_), client=client
     ) as (sources, prepared):
         summary = _finish("project", est, inputs, sources, prepared, reading, outputs, progress, output=output,
                           model=None, model_kwargs={}, timings={}, project=True, client=client,
                           params={**_estimator_params(est), "threads": threads, **_option_params(reading)},
-                          mapping=mapping)
+                          mapping=mapping, umap_process=umap_process)
     summary.seconds = time.perf_counter() - t0
     return summary
 
@@ -632,7 +638,8 @@ def _with_seed(outputs: OutputOptions, est) -> OutputOptions:
 
 def align_cluster_embed(
     H: np.ndarray, datasets: np.ndarray, outputs: OutputOptions, timings: dict[str, float], *, reference=None,
-    known_clusters=None, progress: ProgressFactory = NullProgress,
+    known_clusters=None, progress: ProgressFactory = NullProgress, umap_process: UMAPProcess | None = None,
+    while_waiting: Callable[[], None] | None = None,
 ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
     """Quantile-normalise H across datasets, then cluster and embed (each optional).
 
@@ -653,6 +660,12 @@ def align_cluster_embed(
         ``labels``).
     progress : callable
         Progress-bar factory: one step per phase (minutes each at a million cells).
+    umap_process : UMAPProcess or None
+        A started helper process (:func:`_umap_helper`): with clustering on, UMAP runs there, beside Leiden.
+        ``timings['umap_s']`` is then the helper's seconds and ``timings['umap_wait_s']`` the time spent
+        waiting for it after Leiden.
+    while_waiting : callable or None
+        Called after Leiden, while the helper still computes UMAP (the caller's other work, e.g. reading obs).
 
     Returns
     -------
@@ -673,29 +686,82 @@ def align_cluster_embed(
         timings["quantile_norm_s"] = time.perf_counter() - t
         bar.update(1)
         clusters = umap = None
+        helper = umap_process if outputs.umap and outputs.cluster else None
+        if helper is not None:
+            helper.submit(H_norm, random_state=None if outputs.seed is None else int(outputs.seed))
         if outputs.cluster:
-            bar.set_postfix(step="Leiden")
+            bar.set_postfix(step="Leiden" if helper is None else "Leiden, UMAP beside it")
             t = time.perf_counter()
             clusters = postprocess.cluster_leiden(H_norm, resolution=outputs.resolution, random_state=outputs.seed)
             timings["cluster_s"] = time.perf_counter() - t
             bar.update(1)
+        if helper is not None and while_waiting is not None:
+            while_waiting()
         if outputs.umap:
             bar.set_postfix(step="UMAP")
             t = time.perf_counter()
-            umap = postprocess.run_umap(H_norm, random_state=outputs.seed)
-            timings["umap_s"] = time.perf_counter() - t
+            umap = _umap_beside(helper, timings) if helper is not None else None
+            if umap is None:
+                umap = postprocess.run_umap(H_norm, random_state=outputs.seed)
+                timings["umap_s"] = time.perf_counter() - t
             bar.update(1)
     return H_norm, clusters, umap
 
 
+def _umap_beside(umap_process: UMAPProcess, timings: dict[str, float]) -> np.ndarray | None:
+    """The helper's layout (its seconds and the wait in ``timings``), or None when it failed: the caller then
+    runs UMAP in-process, which raises the same error if the input is at fault."""
+    t = time.perf_counter()
+    try:
+        umap = umap_process.result()
+    except UMAPProcessError as exc:
+        logger.warning("%s; running UMAP in this process", exc)
+        return None
+    timings["umap_wait_s"] = time.perf_counter() - t
+    timings["umap_s"] = umap_process.seconds or 0.0
+    logger.info("UMAP beside Leiden: %.1f s in the helper process (peak %s MB), %.1f s waited after Leiden",
+                umap_process.seconds, umap_process.peak_mb, timings["umap_wait_s"])
+    return umap
+
+
+@contextlib.contextmanager
+def _umap_helper(outputs: OutputOptions, output, threads: int | None):
+    """A UMAP helper process (:mod:`._umap_process`) when the run will cluster and embed on two or more cores;
+    else None. Started now so that its imports overlap the fit; ended on the way out in every case."""
+    wanted = outputs.umap and outputs.cluster and (output is not None or outputs.plots is not None)
+    if not wanted or (threads is not None and threads < 2) or usable_cores() < 2:
+        yield None
+        return
+    helper = UMAPProcess.start()
+    if helper is None:
+        yield None
+        return
+    with helper:
+        yield helper
+
+
 def _postprocess_and_write(table, H_blocks, est, genes, outputs: OutputOptions, output, summary, *, params,
-                           mapping=None, known_clusters=None, progress: ProgressFactory = NullProgress):
+                           mapping=None, known_clusters=None, progress: ProgressFactory = NullProgress,
+                           umap_process=None):
     H = table.assemble(H_blocks)
     H_blocks.clear()  # the caller's list: drop the per-dataset copies of H (80 MB per million cells at K=20)
     datasets = table.datasets
     quantiles, reference = mapping if mapping is not None else (None, None)
+    obs = []
+
+    def while_waiting():
+        # Work that needs no UMAP, done while the helper computes it: reading obs (0.9 s on Kang, mostly
+        # importing anndata) and importing matplotlib for the plots.
+        obs.append(table.read_obs())
+        if outputs.plots is not None:
+            from .plotting import _pyplot
+
+            _pyplot()
+
     H_norm, clusters, umap = align_cluster_embed(H, datasets, outputs, summary.timings, reference=quantiles,
-                                                 known_clusters=known_clusters, progress=progress)
+                                                 known_clusters=known_clusters, progress=progress,
+                                                 umap_process=umap_process,
+                                                 while_waiting=while_waiting)
     obs_columns = None
     if reference is not None:
         obs_columns = _transfer_labels(H, reference, outputs, summary.timings)
@@ -710,6 +776,8 @@ def _postprocess_and_write(table, H_blocks, est, genes, outputs: OutputOptions, 
         "scenario": summary.scenario,
         **unshared_uns(est),
     }
+    if umap_process is not None and umap_process.peak_mb is not None:
+        uns["umap_process_peak_mb"] = float(umap_process.peak_mb)  # a second process: not in this one's peak
     W = np.zeros((len(table.var_names), est.W_.shape[0]), dtype=np.float32)
     pos = table.gene_positions(genes)
     W[pos] = est.W_.T
@@ -728,6 +796,7 @@ def _postprocess_and_write(table, H_blocks, est, genes, outputs: OutputOptions, 
             uns=uns,
             copy_x=outputs.copy_x,
             obs_columns=obs_columns,
+            obs=obs[0] if obs else None,
         )
         summary.outputs.append(str(output))
     if outputs.plots is not None:

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
+from onlinemf import pipelines
 from onlinemf.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -153,6 +154,8 @@ def test_seed_reaches_postprocessing(split_tiny, tmp_path, monkeypatch):
     monkeypatch.setattr(postprocess, "quantile_norm", quantile_norm)
     monkeypatch.setattr(postprocess, "cluster_leiden", lambda X, *, random_state=None, **kw: seen.append(("leiden", random_state)) or (X.argmax(axis=1)))
     monkeypatch.setattr(postprocess, "run_umap", lambda X, *, random_state=None, **kw: seen.append(("umap", random_state)) or X[:, :2])
+    # UMAP in this process, where the patch is seen (test_umap_process checks the helper gets the same seed)
+    monkeypatch.setattr(pipelines, "usable_cores", lambda: 1)
     fast = [a for a in FAST if a != "--no-umap"]
     model = tmp_path / "m.h5"
     assert run(["fit", split_tiny["ctrl"], "-o", tmp_path / "f.h5ad", "--model", model, *fast, "--seed", "3"]).exit_code == 0
