@@ -7,8 +7,10 @@ leaves no partial outputs (outputs are only renamed into place when complete).
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import logging
+import os
 import signal
 import sys
 from collections.abc import Callable, Sequence
@@ -62,8 +64,23 @@ def _user_errors(func: Callable[..., Any]) -> Callable[..., Any]:
             sys.exit(130)
         except MemoryError:
             raise click.ClickException("out of memory: lower --batch-size or use fewer genes (--n-genes)") from None
+        except OSError as err:
+            if err.errno not in _STORAGE_ERRNOS:
+                raise
+            raise click.ClickException(_storage_error_line(err)) from None
 
     return wrapper
+
+
+# The machine's storage, not the program, failed: a full disk or quota, a read-only or failing file system.
+_STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EIO}
+
+
+def _storage_error_line(err: OSError) -> str:
+    """One line for a storage failure. h5py's messages span several lines; the errno says it in a few words."""
+    where = f" ({err.filename})" if err.filename else ""
+    return (f"{os.strerror(err.errno)}{where}: the run stopped and published nothing (its temporary files are "
+            "removed, earlier outputs untouched); free space or write elsewhere, then run again")
 
 
 def _progress(quiet: bool) -> Callable[..., Any]:

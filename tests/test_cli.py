@@ -167,3 +167,37 @@ def test_seed_reaches_postprocessing(split_tiny, tmp_path, monkeypatch):
     assert run(["project", model, split_tiny["stim"], "-o", tmp_path / "p2.h5ad", "--quiet", "--seed", "9"]).exit_code == 0
     assert seen == [("quantile_norm", 9), ("leiden", 9), ("umap", 9)]
     assert ad.read_h5ad(tmp_path / "p2.h5ad").uns["inmf"]["params"]["postprocess_seed"] == 9
+
+
+def test_full_disk_is_one_line_and_publishes_nothing(split_tiny, tmp_path, monkeypatch):
+    """A storage failure while writing (h5py's OSError, errno 28) is one line with exit 1; the earlier model is
+    untouched, no results file appears and no temporary is left."""
+    import errno
+
+    model = tmp_path / "m.h5"
+    assert run(["fit", split_tiny["ctrl"], "--model", model, *FAST]).exit_code == 0
+    before = model.read_bytes()
+
+    def full_disk(path, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "Can't synchronously write data (file write failed ...)")
+
+    monkeypatch.setattr(pipelines, "write_results", full_disk)
+    result = run(["fit", split_tiny["ctrl"], "-o", tmp_path / "r.h5ad", "--model", model, *FAST])
+    assert result.exit_code == 1
+    assert result.output.strip().splitlines()[-1:] == [
+        "Error: No space left on device: the run stopped and published nothing (its temporary files are removed, "
+        "earlier outputs untouched); free space or write elsewhere, then run again"]
+    assert "Traceback" not in result.output
+    assert model.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.h5"]
+
+
+def test_other_os_errors_are_not_hidden(split_tiny, tmp_path, monkeypatch):
+    import errno
+
+    def bug(*args, **kwargs):
+        raise OSError(errno.EBADF, "Bad file descriptor")
+
+    monkeypatch.setattr(pipelines, "write_results", bug)
+    with pytest.raises(OSError, match="Bad file descriptor"):
+        run(["fit", split_tiny["ctrl"], "-o", tmp_path / "r.h5ad", "--model", tmp_path / "m.h5", *FAST])
