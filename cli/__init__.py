@@ -79,7 +79,7 @@ _STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.E
 def _storage_error_line(err: OSError) -> str:
     """One line for a storage failure. h5py's messages span several lines; the errno says it in a few words."""
     where = f" ({err.filename})" if err.filename else ""
-    return (f"{os.strerror(err.errno)}{where}: the run stopped and published nothing (its temporary files are "
+    return (f"{os.strerror(err.errno or 0)}{where}: the run stopped and published nothing (its temporary files are "
             "removed, earlier outputs untouched); free space or write elsewhere, then run again")
 
 

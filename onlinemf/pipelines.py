@@ -337,7 +337,7 @@ def fit(
     t0 = time.perf_counter()
     timings: dict[str, float] = {}
     with threadpool_limits(limits=params.threads), set_read_threads(params.threads), \
-            _umap_helper(outputs, output, params.threads) as umap_process:
+            umap_helper(outputs, params.threads, writes=output is not None or outputs.plots is not None) as umap_process:
         select = {"thresh": selection.var_thresh, "alpha": selection.alpha, "n_genes": selection.n_genes,
                   "combine": selection.combine, "unshared_thresh": selection.unshared_thresh,
                   "unshared": list(selection.unshared) if unshared_genes is None else unshared_genes}
@@ -425,7 +425,8 @@ def update(
 
     timings: dict[str, float] = {}
     with threadpool_limits(limits=threads), set_read_threads(threads), \
-            _umap_helper(outputs, output, threads) as umap_process, _prepared_inputs(
+            umap_helper(outputs, threads, writes=output is not None or outputs.plots is not None) as umap_process, \
+            _prepared_inputs(
         inputs, reading, outputs, progress, genes=np.asarray(est.var_names_in_),
         cache=cache if client is None else None, check=check, client=client
     ) as (sources, prepared):
@@ -495,7 +496,8 @@ def project(
     est = saved.estimator.set_params(n_threads=threads)
     mapping = _mapping_inputs(saved, model, reference, label_key)  # every check before any work
     with threadpool_limits(limits=threads), set_read_threads(threads), \
-            _umap_helper(outputs, output, threads) as umap_process, _prepared_inputs(
+            umap_helper(outputs, threads, writes=output is not None or outputs.plots is not None) as umap_process, \
+            _prepared_inputs(
         inputs, reading, outputs, progress, genes=np.asarray(est.var_names_in_), client=client
     ) as (sources, prepared):
         summary = _finish("project", est, inputs, sources, prepared, reading, outputs, progress, output=output,
@@ -661,7 +663,7 @@ def align_cluster_embed(
     progress : callable
         Progress-bar factory: one step per phase (minutes each at a million cells).
     umap_process : UMAPProcess or None
-        A started helper process (:func:`_umap_helper`): with clustering on, UMAP runs there, beside Leiden.
+        A started helper process (:func:`umap_helper`): with clustering on, UMAP runs there, beside Leiden.
         ``timings['umap_s']`` is then the helper's seconds and ``timings['umap_wait_s']`` the time spent
         waiting for it after Leiden.
     while_waiting : callable or None
@@ -725,10 +727,11 @@ def _umap_beside(umap_process: UMAPProcess, timings: dict[str, float]) -> np.nda
 
 
 @contextlib.contextmanager
-def _umap_helper(outputs: OutputOptions, output, threads: int | None):
-    """A UMAP helper process (:mod:`._umap_process`) when the run will cluster and embed on two or more cores;
-    else None. Started now so that its imports overlap the fit; ended on the way out in every case."""
-    wanted = outputs.umap and outputs.cluster and (output is not None or outputs.plots is not None)
+def umap_helper(outputs: OutputOptions, threads: int | None, *, writes: bool = True):
+    """A UMAP helper process (:mod:`._umap_process`) for :func:`align_cluster_embed` when the run will cluster and
+    embed (``writes``: it has somewhere to put them) on two or more cores (``threads`` None or > 1); else None.
+    Started now so that its imports overlap the fit; ended on the way out in every case."""
+    wanted = outputs.umap and outputs.cluster and writes
     if not wanted or (threads is not None and threads < 2) or usable_cores() < 2:
         yield None
         return

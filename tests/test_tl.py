@@ -8,7 +8,7 @@ import anndata as ad
 import numpy as np
 import pytest
 
-from onlinemf import InputError, OnlineINMF, _keys, postprocess, tl
+from onlinemf import InputError, OnlineINMF, _keys, pipelines, postprocess, tl
 
 TINY = Path(__file__).resolve().parents[1] / "data" / "kang_pbmc_rliger_tiny.h5ad"
 FAST = {"k": 5, "epochs": 1, "batch_size": 200}
@@ -39,6 +39,7 @@ def fake_post(monkeypatch):
 
     monkeypatch.setattr(postprocess, "cluster_leiden", leiden)
     monkeypatch.setattr(postprocess, "run_umap", umap)
+    monkeypatch.setattr(pipelines, "usable_cores", lambda: 1)  # UMAP in this process, where the patch is seen
     return seeds
 
 

@@ -4,6 +4,7 @@ import logging
 import subprocess
 import sys
 import tempfile
+from pathlib import Path
 
 import h5py
 import numpy as np
@@ -107,6 +108,22 @@ def test_no_helper_where_nothing_runs_beside_umap(options, monkeypatch):
     monkeypatch.setattr(pipelines, "usable_cores", lambda: 2)
     monkeypatch.setattr(pipelines.UMAPProcess, "start", staticmethod(lambda: started.append(1)))
     threads = options.pop("threads", None)
-    with pipelines._umap_helper(OutputOptions(**options), "out.h5ad", threads) as helper:
+    with pipelines.umap_helper(OutputOptions(**options), threads) as helper:
         assert helper is None
     assert not started
+
+
+def test_integrate_with_helper_equals_integrate_without(monkeypatch):
+    import anndata as ad
+
+    from onlinemf import tl
+
+    tiny = ad.read_h5ad(Path(__file__).resolve().parents[1] / "data" / "kang_pbmc_rliger_tiny.h5ad")
+    layouts = []
+    for cores in (1, 2):
+        monkeypatch.setattr(pipelines, "usable_cores", lambda cores=cores: cores)
+        a = tl.integrate(tiny, "batch", k=5, epochs=1, batch_size=200, cluster=True, umap=True, copy=True)
+        layouts.append((a.obsm["X_inmf_umap"], a.obs["inmf_cluster"].to_numpy(), a.uns["inmf"]["timings"]))
+    assert "umap_wait_s" not in layouts[0][2] and "umap_wait_s" in layouts[1][2]
+    assert np.array_equal(layouts[0][0], layouts[1][0])
+    assert np.array_equal(layouts[0][1], layouts[1][1])
