@@ -175,7 +175,7 @@ def test_full_disk_is_one_line_and_publishes_nothing(split_tiny, tmp_path, monke
     import errno
 
     model = tmp_path / "m.h5"
-    assert run(["fit", split_tiny["ctrl"], "--model", model, *FAST]).exit_code == 0
+    assert run(["fit", split_tiny["ctrl"], "-o", tmp_path / "first.h5ad", "--model", model, *FAST]).exit_code == 0
     before = model.read_bytes()
 
     def full_disk(path, *args, **kwargs):
@@ -189,7 +189,7 @@ def test_full_disk_is_one_line_and_publishes_nothing(split_tiny, tmp_path, monke
         "earlier outputs untouched); free space or write elsewhere, then run again"]
     assert "Traceback" not in result.output
     assert model.read_bytes() == before
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.h5"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["first.h5ad", "m.h5"]
 
 
 def test_other_os_errors_are_not_hidden(split_tiny, tmp_path, monkeypatch):
