@@ -697,10 +697,10 @@ def align_cluster_embed(
             clusters = postprocess.cluster_leiden(H_norm, resolution=outputs.resolution, random_state=outputs.seed)
             timings["cluster_s"] = time.perf_counter() - t
             bar.update(1)
-        if helper is not None and while_waiting is not None:
-            while_waiting()
         if outputs.umap:
             bar.set_postfix(step="UMAP")
+            if helper is not None and while_waiting is not None:
+                while_waiting()
             t = time.perf_counter()
             umap = _umap_beside(helper, timings) if helper is not None else None
             if umap is None:

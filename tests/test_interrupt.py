@@ -186,3 +186,25 @@ def test_a_swallowed_interrupt_still_stops_publication(tmp_path):
     finally:
         interrupt_requested.clear()
     assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="reads child processes from /proc (Linux)")
+def test_sigterm_ends_the_umap_helper(tmp_path):
+    """A run that clusters and embeds starts a UMAP helper process at once; SIGTERM mid-fit ends both."""
+    from onlinemf._cores import usable_cores
+
+    if usable_cores() < 2:
+        pytest.skip("the helper starts only with two or more usable cores")
+    os.symlink(DEMO, tmp_path / "in.h5ad")
+    ckpt = tmp_path / "ck.h5"
+    cmd = [a for a in command(tmp_path, "out", "--checkpoint", str(ckpt), "--checkpoint-every", "2", "--threads", "2")
+           if a not in ("--no-umap", "--no-cluster")]
+    proc = start(cmd)
+    children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children")
+    wait_for(lambda: ckpt.exists() and children.read_text().split(), proc, "the helper and the first checkpoint")
+    helper = int(children.read_text().split()[0])
+    proc.send_signal(signal.SIGTERM)
+    status, err = finish(proc)
+    assert status == 130, err
+    assert not Path(f"/proc/{helper}").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ck.h5", "in.h5ad"]
