@@ -26,6 +26,7 @@ Prints, for real H factors (onlinemf fits of the demo, Kang, cellbench 5 cell li
     .venv/bin/python benchmarks/bench_postprocess.py --sections umap --datasets demo
     .venv/bin/python benchmarks/bench_postprocess.py --sections big --big 1000000
     .venv/bin/python benchmarks/bench_postprocess.py --sections umap-start umap-scaling --datasets demo kang
+    .venv/bin/python benchmarks/bench_postprocess.py --sections umap-beside --beside-sizes 14000 200000
 
 Wall times on a shared machine are noisy; CPU seconds of the process are printed beside them.
 """
@@ -379,11 +380,50 @@ def bench_umap_scaling(sizes: list[int], epochs: int = 10) -> list[dict]:
     return rows
 
 
+def bench_umap_beside(sizes: list[int]) -> list[dict]:
+    """Leiden then UMAP in this process, against Leiden here while UMAP runs in the helper process (the pipeline's
+    way on two or more cores), on synthetic H_norm; the helper is started (and has imported) before timing."""
+    from onlinemf import postprocess
+    from onlinemf._umap_process import UMAPProcess
+
+    rows = []
+    for n in sizes:
+        H, datasets = synthetic_H(n)
+        X = postprocess.quantile_norm(H, datasets)[0].astype(np.float32)
+        t = time.perf_counter()
+        labels = postprocess.cluster_leiden(X, random_state=1)
+        leiden_alone = time.perf_counter() - t
+        t = time.perf_counter()
+        layout = postprocess.run_umap(X, random_state=1)
+        umap_alone = time.perf_counter() - t
+        with UMAPProcess.start() as helper:
+            time.sleep(3.0)  # its imports, which overlap the fit in a pipeline run
+            t = time.perf_counter()
+            helper.submit(X, random_state=1)
+            labels_beside = postprocess.cluster_leiden(X, random_state=1)
+            leiden_beside = time.perf_counter() - t
+            layout_beside = helper.result()
+            total_beside = time.perf_counter() - t
+        row = {"cells": n, "leiden_alone_s": leiden_alone, "umap_alone_s": umap_alone,
+               "sequential_s": leiden_alone + umap_alone, "leiden_beside_s": leiden_beside,
+               "umap_helper_s": helper.seconds, "beside_s": total_beside,
+               "same_layout": bool(np.array_equal(layout, layout_beside)),
+               "same_clusters": bool(np.array_equal(labels, labels_beside))}
+        print(f"  {n:>9,} cells: one after the other {row['sequential_s']:.1f} s (Leiden {leiden_alone:.1f}, UMAP "
+              f"{umap_alone:.1f}); beside {total_beside:.1f} s (Leiden {leiden_beside:.1f}, UMAP in the helper "
+              f"{helper.seconds:.1f}); same layout {row['same_layout']}, same clusters {row['same_clusters']}",
+              flush=True)
+        rows.append(row)
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sections", nargs="+", default=["umap", "leiden", "quantile", "pipeline", "big"],
-                        choices=["umap", "umap-start", "umap-scaling", "leiden", "quantile", "pipeline", "big"])
+                        choices=["umap", "umap-start", "umap-scaling", "umap-beside", "leiden", "quantile", "pipeline",
+                                 "big"])
     parser.add_argument("--scaling-sizes", nargs="+", type=int, default=[100_000, 300_000])
+    parser.add_argument("--beside-sizes", nargs="+", type=int, default=[14_000, 200_000])
     parser.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=list(DATASETS))
     parser.add_argument("--umap-candidates", nargs="+", default=UMAP_CANDIDATES, choices=UMAP_CANDIDATES)
     parser.add_argument("--big", type=int, default=1_000_000, help="cells of the synthetic H")
@@ -402,6 +442,9 @@ def main() -> None:
     if "umap-scaling" in args.sections:
         print("\n1c. umappp seconds per epoch: distinct cells against cells drawn with replacement")
         results["umap_scaling"] = bench_umap_scaling(args.scaling_sizes)
+    if "umap-beside" in args.sections:
+        print("\n1d. Leiden and UMAP one after the other, against UMAP in the helper process beside Leiden")
+        results["umap_beside"] = bench_umap_beside(args.beside_sizes)
     if "leiden" in args.sections:
         print("\n2. Leiden on the SNN graph of H_norm (resolution 1)")
         results["leiden"] = bench_leiden(args.datasets)
