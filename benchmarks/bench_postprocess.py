@@ -204,6 +204,43 @@ def bench_leiden(names: list[str], resolution: float = 1.0) -> list[dict]:
     return rows
 
 
+def bench_leiden_iterations(names: list[str], seeds: list[int], iterations=(-1, 5, 2),
+                            synthetic: list[int] = ()) -> list[dict]:
+    """``cluster_leiden`` with igraph's Leiden run until stable (-1) against a fixed number of iterations (rliger's
+    ``runCluster`` default is 5, with 10 random starts): seconds, clusters, modularity, ARI/NMI to cell types."""
+    import igraph
+
+    from onlinemf import metrics, postprocess
+
+    rows = []
+    data = [(name, factors(name)) for name in names]
+    data += [(f"synthetic {n:,}", {"H_norm": postprocess.quantile_norm(*synthetic_H(n))[0], "labels": None})
+             for n in synthetic]
+    for name, d in data:
+        X = d["H_norm"]
+        snn = postprocess.snn_graph(postprocess.knn_indices(X, 20, eps=0.1))
+        coo = snn.tocoo()
+        g = igraph.Graph(n=X.shape[0], edges=np.column_stack([coo.row, coo.col]).astype(np.int64), directed=False)
+        for n_iterations in iterations:
+            for seed in seeds:
+                t = time.perf_counter()
+                labels = postprocess.cluster_leiden(X, random_state=seed, n_iterations=n_iterations)
+                row = {"data": name, "n_iterations": n_iterations, "seed": seed, "wall": time.perf_counter() - t,
+                       "clusters": int(labels.max() + 1),
+                       "modularity": g.modularity(labels.tolist(), weights=coo.data.astype(float))}
+                if d["labels"] is not None:
+                    row["ari"] = metrics.ari(d["labels"], labels)
+                    row["nmi"] = metrics.nmi(d["labels"], labels)
+                rows.append(row)
+            mine = [r for r in rows if r["data"] == name and r["n_iterations"] == n_iterations]
+            summary = {k: np.mean([r[k] for r in mine]) for k in ("wall", "clusters", "modularity", "ari", "nmi")
+                       if k in mine[0]}
+            print(f"  {name:18s} iterations {n_iterations:>2}: " + ", ".join(
+                f"{k} {v:.4f}" if k in ("modularity", "ari", "nmi") else f"{k} {v:.2f}" for k, v in summary.items())
+                  + f" (mean of {len(mine)} seeds)", flush=True)
+    return rows
+
+
 # --- 3. kNN and quantile normalization: kd-tree against faiss -------------------------------------------
 
 _FAISS: list = []
@@ -420,8 +457,10 @@ def bench_umap_beside(sizes: list[int]) -> list[dict]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sections", nargs="+", default=["umap", "leiden", "quantile", "pipeline", "big"],
-                        choices=["umap", "umap-start", "umap-scaling", "umap-beside", "leiden", "quantile", "pipeline",
-                                 "big"])
+                        choices=["umap", "umap-start", "umap-scaling", "umap-beside", "leiden", "leiden-iterations",
+                                 "quantile", "pipeline", "big"])
+    parser.add_argument("--seeds", nargs="+", type=int, default=list(range(1, 11)), help="leiden-iterations seeds")
+    parser.add_argument("--synthetic", nargs="*", type=int, default=[], help="leiden-iterations: synthetic sizes")
     parser.add_argument("--scaling-sizes", nargs="+", type=int, default=[100_000, 300_000])
     parser.add_argument("--beside-sizes", nargs="+", type=int, default=[14_000, 200_000])
     parser.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=list(DATASETS))
@@ -448,6 +487,9 @@ def main() -> None:
     if "leiden" in args.sections:
         print("\n2. Leiden on the SNN graph of H_norm (resolution 1)")
         results["leiden"] = bench_leiden(args.datasets)
+    if "leiden-iterations" in args.sections:
+        print("\n2b. Leiden until stable against a fixed number of iterations (mean over seeds)")
+        results["leiden_iterations"] = bench_leiden_iterations(args.datasets, args.seeds, synthetic=args.synthetic)
     if "quantile" in args.sections:
         print("\n3. kNN and quantile normalization: kd-tree (previous) against faiss")
         results["quantile"] = bench_quantile(args.datasets)

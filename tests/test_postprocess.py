@@ -588,3 +588,64 @@ def test_umap_places_identical_rows_together_and_embeds_each_once(monkeypatch):
     np.testing.assert_array_equal(coords[:300], run_umap(X, n_neighbors=15, random_state=1))
     first, inverse = postprocess.distinct_rows(np.vstack([X, copies]))
     np.testing.assert_array_equal(coords, coords[first][inverse])
+
+
+def _snn_of_groups(seed, n_groups=6, n=150, spread=1.0):
+    from onlinemf.postprocess import knn_indices, snn_graph
+
+    rng = np.random.default_rng(seed)
+    X = np.vstack([rng.normal(2.0 * i, spread, size=(n, 5)) for i in range(n_groups)])
+    return snn_graph(knn_indices(X, 20))
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_capped_leiden_equals_igraphs_own_iterations(seed):
+    """One iteration per call from the previous membership gives igraph's own n_iterations partition (same
+    random stream); the loop only adds the early stop."""
+    import random
+
+    import igraph
+
+    from onlinemf.postprocess import _same_partition, leiden_membership
+
+    snn = _snn_of_groups(seed, spread=1.6)  # overlapping groups: several iterations change the partition
+    coo = snn.tocoo()
+    g = igraph.Graph(n=snn.shape[0], edges=np.column_stack([coo.row, coo.col]), directed=False)
+    for n_iterations in (1, 2, 5):
+        igraph.set_random_number_generator(random.Random(4))
+        own = g.community_leiden(objective_function="modularity", weights=coo.data.astype(float), resolution=1.0,
+                                 n_iterations=n_iterations).membership
+        igraph.set_random_number_generator(random)
+        capped = leiden_membership(igraph, snn, resolution=1.0, n_iterations=n_iterations, random_state=4)
+        assert _same_partition(capped, own)
+
+
+def test_capped_leiden_stops_when_an_iteration_changes_nothing(monkeypatch):
+    import igraph
+
+    from onlinemf.postprocess import leiden_membership
+
+    calls = []
+    real = igraph.Graph.community_leiden
+
+    def counted(self, *args, **kwargs):
+        calls.append(kwargs["n_iterations"])
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(igraph.Graph, "community_leiden", counted)
+    snn = _snn_of_groups(0, n_groups=3, spread=0.2)  # three far-apart groups: settled after the first iteration
+    labels = leiden_membership(igraph, snn, resolution=1.0, n_iterations=50, random_state=1)
+    assert len(set(labels)) == 3
+    assert 2 <= len(calls) < 50 and set(calls) == {1}
+    calls.clear()
+    leiden_membership(igraph, snn, resolution=1.0, n_iterations=-1, random_state=1)
+    assert calls == [-1]
+
+
+def test_same_partition_ignores_cluster_numbers():
+    from onlinemf.postprocess import _same_partition
+
+    assert _same_partition([0, 0, 1, 2], [5, 5, 0, 1])
+    assert not _same_partition([0, 0, 1, 2], [0, 1, 1, 2])
+    assert not _same_partition([0, 0, 1, 1], [0, 0, 0, 0])
+    assert not _same_partition(None, [0, 1])
