@@ -241,6 +241,59 @@ def bench_leiden_iterations(names: list[str], seeds: list[int], iterations=(-1, 
     return rows
 
 
+def bench_leiden_calls(sizes: list[int], seeds=(1, 2)) -> list[dict]:
+    """The Leiden call on one SNN graph (building igraph's graph included): ``leiden_membership`` capped at 5 against
+    igraph's own fixed 5 and until-stable, and whether the capped partition equals them. Size 0 is Kang; a negative size -n is Kang resampled
+    to n cells (duplicates, as the 1M file); a positive size is synthetic_H."""
+    import random
+
+    import igraph
+
+    from onlinemf import postprocess
+
+    rows = []
+    for size in sizes:
+        if size == 0:
+            name, X = "kang", factors("kang")["H_norm"]
+        elif size < 0:
+            kang = factors("kang")
+            pick = np.random.default_rng(0).integers(0, kang["H"].shape[0], -size)
+            name, X = f"kang resampled {-size:,}", postprocess.quantile_norm(kang["H"][pick], kang["datasets"][pick])[0]
+        else:
+            name, X = f"synthetic {size:,}", postprocess.quantile_norm(*synthetic_H(size))[0]
+        snn = postprocess.snn_graph(postprocess.knn_indices(X, 20, eps=0.1))
+        coo = snn.tocoo()
+
+        def own(n_iterations, seed):
+            # The igraph graph is built inside each timed call, as leiden_membership builds it.
+            g = igraph.Graph(n=X.shape[0], edges=np.column_stack([coo.row, coo.col]).astype(np.int64), directed=False)
+            igraph.set_random_number_generator(random.Random(seed))
+            try:
+                return g.community_leiden(objective_function="modularity", weights=coo.data.astype(float),
+                                          resolution=1.0, n_iterations=n_iterations).membership
+            finally:
+                igraph.set_random_number_generator(random)
+
+        for seed in seeds:
+            t = time.perf_counter()
+            capped = postprocess.leiden_membership(igraph, snn, resolution=1.0, n_iterations=5, random_state=seed)
+            capped_s = time.perf_counter() - t
+            t = time.perf_counter()
+            fixed = own(5, seed)
+            fixed_s = time.perf_counter() - t
+            t = time.perf_counter()
+            stable = own(-1, seed)
+            stable_s = time.perf_counter() - t
+            row = {"data": name, "seed": seed, "capped_s": capped_s, "fixed5_s": fixed_s, "until_stable_s": stable_s,
+                   "capped_equals_fixed5": postprocess._same_partition(capped, fixed),
+                   "capped_equals_until_stable": postprocess._same_partition(capped, stable)}
+            print(f"  {name:24s} seed {seed}: capped {capped_s:.1f} s, fixed 5 {fixed_s:.1f} s, until stable "
+                  f"{stable_s:.1f} s; capped = fixed 5: {row['capped_equals_fixed5']}, capped = until stable: "
+                  f"{row['capped_equals_until_stable']}", flush=True)
+            rows.append(row)
+    return rows
+
+
 # --- 3. kNN and quantile normalization: kd-tree against faiss -------------------------------------------
 
 _FAISS: list = []
@@ -458,7 +511,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sections", nargs="+", default=["umap", "leiden", "quantile", "pipeline", "big"],
                         choices=["umap", "umap-start", "umap-scaling", "umap-beside", "leiden", "leiden-iterations",
-                                 "quantile", "pipeline", "big"])
+                                 "leiden-calls", "quantile", "pipeline", "big"])
+    parser.add_argument("--call-sizes", nargs="+", type=int, default=[0, 100_000, -200_000],
+                        help="leiden-calls: 0 Kang, n synthetic cells, -n Kang resampled to n cells")
     parser.add_argument("--seeds", nargs="+", type=int, default=list(range(1, 11)), help="leiden-iterations seeds")
     parser.add_argument("--synthetic", nargs="*", type=int, default=[], help="leiden-iterations: synthetic sizes")
     parser.add_argument("--scaling-sizes", nargs="+", type=int, default=[100_000, 300_000])
@@ -490,6 +545,9 @@ def main() -> None:
     if "leiden-iterations" in args.sections:
         print("\n2b. Leiden until stable against a fixed number of iterations (mean over seeds)")
         results["leiden_iterations"] = bench_leiden_iterations(args.datasets, args.seeds, synthetic=args.synthetic)
+    if "leiden-calls" in args.sections:
+        print("\n2c. The Leiden call: capped at 5 (stops early) against igraph's fixed 5 and until stable")
+        results["leiden_calls"] = bench_leiden_calls(args.call_sizes)
     if "quantile" in args.sections:
         print("\n3. kNN and quantile normalization: kd-tree (previous) against faiss")
         results["quantile"] = bench_quantile(args.datasets)

@@ -352,8 +352,8 @@ def leiden_membership(igraph, graph: sparse.spmatrix, *, resolution: float, n_it
 
     At most ``n_iterations`` iterations, fewer when one leaves the partition unchanged (negative: until then).
     igraph offers either a fixed count or until-stable, so the capped form runs one iteration per call from the
-    previous membership: the same partition as igraph's own ``n_iterations`` loop (checked on Kang and 100k
-    cells), but it stops early on graphs that settle first (the 1M resampled file: 3-4 iterations).
+    previous membership: the same partition as igraph's own ``n_iterations`` loop (checked on Kang, 100k and
+    200k cells), but it stops early on graphs that settle first.
 
     igraph draws from one process-wide generator, Python's ``random`` module by default (igraph offers no
     way to read the current one), so the call gets its own seeded ``random.Random`` and the default is put
@@ -417,8 +417,8 @@ def cluster_leiden(X, *, n_neighbors=20, resolution=1.0, random_state=1, n_itera
     n_iterations : int
         At most this many Leiden iterations (rliger's ``runCluster`` default, 5), fewer when one leaves the
         partition unchanged; negative: until then, however many it takes. Until-stable gave the same clusters on
-        CellBench and baron (10 seeds) and modularity higher by 0.0003 on Kang and at 200k cells, but took 2.5x as
-        long at 200k and 4.5x at 100k synthetic cells (benchmarks/README.md, "Leiden iterations").
+        CellBench and baron (100 seeds) and modularity higher by 0.0003 on Kang and at 200k cells, but took 2.5x as
+        long at 200k and 3-4x at 100k synthetic cells (benchmarks/README.md, "Leiden iterations").
     eps : float
         Error bound of the kd-tree neighbour search when faiss is absent (rliger: 0.1; 0 = exact).
 
