@@ -127,3 +127,31 @@ def test_integrate_with_helper_equals_integrate_without(monkeypatch):
     assert "umap_wait_s" not in layouts[0][2] and "umap_wait_s" in layouts[1][2]
     assert np.array_equal(layouts[0][0], layouts[1][0])
     assert np.array_equal(layouts[0][1], layouts[1][1])
+
+
+def test_update_and_project_with_helper_equal_without(demo_data, tmp_path, monkeypatch):
+    import anndata as ad
+
+    from onlinemf.pipelines import InputOptions
+
+    source = ad.read_h5ad(demo_data / "pbmc_demo.h5ad")
+    parts = {}
+    for value in source.obs["batch"].unique():  # ctrl and stim: one to fit, one arriving later
+        parts[value] = tmp_path / f"{value}.h5ad"
+        source[source.obs["batch"] == value].copy().write_h5ad(parts[value])
+    first, second = list(parts.values())
+    model = tmp_path / "model.h5"
+    pipelines.fit([first], output=None, model=model, params=ModelParams(k=6, lam=5.0, epochs=1, seed=3),
+                  outputs=OutputOptions(cluster=False, umap=False))
+    layouts = {}
+    for cores in (1, 2):
+        monkeypatch.setattr(pipelines, "usable_cores", lambda cores=cores: cores)
+        pipelines.update(model, [second], output=tmp_path / f"u{cores}.h5ad", model_out=tmp_path / f"m{cores}.h5",
+                         reading=InputOptions())
+        pipelines.project(model, [second], output=tmp_path / f"p{cores}.h5ad")
+        for run in ("u", "p"):
+            with h5py.File(tmp_path / f"{run}{cores}.h5ad", "r") as f:
+                layouts[run, cores] = (f["obsm/X_umap"][()], "umap_wait_s" in f["uns/inmf/timings"])
+    for run in ("u", "p"):
+        assert not layouts[run, 1][1] and layouts[run, 2][1]  # the helper ran only with 2 cores
+        assert np.array_equal(layouts[run, 1][0], layouts[run, 2][0])
