@@ -28,7 +28,7 @@ import numpy as np
 
 logger = logging.getLogger(__name__)
 
-#: Seconds a helper that was not asked for a layout gets to exit on end of input before it is killed.
+#: Seconds a helper that has answered gets to exit before it is killed.
 EXIT_WAIT_S = 5.0
 
 
@@ -106,15 +106,21 @@ class UMAPProcess:
         return np.frombuffer(data, dtype=reply["dtype"]).reshape(shape).copy()
 
     def _failure(self, exc: BaseException | None) -> str:
-        code = self._proc.poll()
+        try:
+            code = self._proc.wait(timeout=1.0)  # its output ended: it has exited, or is about to
+        except subprocess.TimeoutExpired:
+            code = None
         self._stderr.seek(0)
         lines = self._stderr.read().decode(errors="replace").strip().splitlines()
         last = lines[-1] if lines else (str(exc) if exc else "no output")
         return f"UMAP helper process {'exited with ' + str(code) if code is not None else 'stopped answering'}: {last}"
 
     def close(self) -> None:
-        """End the helper: end of input, then kill it if it is still running (a layout nobody will read)."""
+        """End the helper: at once if it was given nothing (the run failed or was interrupted) or its layout was
+        not read; a helper that answered has exited by itself."""
         proc = self._proc
+        if self._writer is None or self.seconds is None:
+            proc.kill()  # idle or busy with a layout nobody will read: nothing of value is lost
         for stream in (proc.stdin, proc.stdout):
             try:
                 if stream is not None:
@@ -122,7 +128,7 @@ class UMAPProcess:
             except OSError:
                 pass
         try:
-            proc.wait(timeout=EXIT_WAIT_S if self._writer is None else 0.5)
+            proc.wait(timeout=EXIT_WAIT_S)
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()

@@ -38,10 +38,17 @@ def test_helper_reports_bad_input_as_its_error():
 
 
 def test_helper_without_a_request_exits_on_end_of_input():
+    """What happens when the parent dies without closing it: its pipe ends, and the helper exits cleanly."""
     helper = UMAPProcess.start()
-    proc = helper._proc
+    helper._proc.stdin.close()
+    assert helper._proc.wait(timeout=60) == 0
     helper.close()
-    assert proc.returncode == 0
+
+
+def test_idle_helper_is_ended_at_once_on_close():
+    helper = UMAPProcess.start()
+    helper.close()
+    assert helper._proc.returncode is not None
 
 
 def test_unread_layout_is_killed_on_close():
