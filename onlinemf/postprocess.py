@@ -14,7 +14,6 @@ import warnings
 
 import numpy as np
 from scipy import sparse
-from scipy.spatial import cKDTree
 
 from ._cores import usable_cores
 from ._errors import InputError
@@ -270,6 +269,7 @@ def knn_indices(X: np.ndarray, k: int, *, eps: float = 0.0, random_state=1) -> n
             seed = int(random_state) if isinstance(random_state, (int, np.integer)) else None
             index = pynndescent.NNDescent(X, n_neighbors=k, random_state=seed, n_jobs=1)
             return index.neighbor_graph[0]
+    from scipy.spatial import cKDTree  # here: 0.1 s of import that runs with faiss never use
     _, idx = cKDTree(X).query(X, k=k, eps=eps)
     return idx.reshape(n, k)
 
@@ -471,6 +471,7 @@ def cosine_knn(X: np.ndarray, k: int, *, random_state=1) -> tuple[np.ndarray, np
     if faiss is not None:
         idx, sq = _faiss_knn(faiss, unit, k, random_state=random_state)
         return idx, (sq / 2).astype(np.float32)
+    from scipy.spatial import cKDTree  # here: 0.1 s of import that runs with faiss never use
     dist, idx = cKDTree(unit).query(unit, k=k)
     dist, idx = dist.reshape(X.shape[0], k), idx.reshape(X.shape[0], k)
     return idx.astype(np.int64), (dist * dist / 2).astype(np.float32)
