@@ -327,6 +327,8 @@ def main() -> None:
     p.add_argument("--pyliger-from", type=Path, metavar="REPORT.json",
                    help="reuse this earlier report's pyliger runs (its .npz files) where their recorded settings, "
                         "seed and pyliger version equal this run's; other seeds run pyliger")
+    p.add_argument("--no-pyliger", action="store_true",
+                   help="run onlinemf only (e.g. to compare two versions of onlinemf seed by seed)")
     args = p.parse_args()
     earlier = None
     if args.pyliger_from is not None:
@@ -334,8 +336,8 @@ def main() -> None:
             earlier = json.loads(args.pyliger_from.read_text())
         except (OSError, ValueError) as exc:
             p.error(f"--pyliger-from: expected a report written by this script, found {exc}")
-    python = pyliger_python()
-    version = pyliger_version(python)
+    python = None if args.no_pyliger else pyliger_python()
+    version = None if python is None else pyliger_version(python)
     report = {"machine": {"python": sys.version.split()[0], "platform": platform.platform()},
               "params": {"k": args.k, "lam": args.lam, "epochs": args.epochs, "threads": args.threads,
                          "seeds": args.seeds}, "pyliger_version": version, "results": []}
@@ -346,7 +348,7 @@ def main() -> None:
         sizes = adata.obs[BATCH_KEY].value_counts()
         shared = int(min(DEFAULT_BATCH, sizes.min()))
         ref = agreement_reference(adata) if args.agreement else None
-        pipelines = [("onlinemf", shared), ("pyliger", shared)]
+        pipelines = [("onlinemf", shared)] + ([] if args.no_pyliger else [("pyliger", shared)])
         if shared != DEFAULT_BATCH:
             pipelines.append(("onlinemf default", DEFAULT_BATCH))
         for pipeline, batch in pipelines:

@@ -52,7 +52,7 @@ class UMAPProcess:
     @classmethod
     def start(cls) -> UMAPProcess | None:
         """Start the helper (this interpreter, running :func:`main`); None when it cannot be started."""
-        if not sys.executable:
+        if not sys.executable or getattr(sys, "frozen", False):  # a frozen app's executable is not a Python
             return None
         # The helper imports this very onlinemf: its folder goes first on the helper's path unless it is there
         # already (an installed package's site-packages is; a checkout on this process's sys.path may not be).

@@ -162,3 +162,8 @@ def test_update_and_project_with_helper_equal_without(demo_data, tmp_path, monke
     for run in ("u", "p"):
         assert not layouts[run, 1][1] and layouts[run, 2][1]  # the helper ran only with 2 cores
         assert np.array_equal(layouts[run, 1][0], layouts[run, 2][0])
+
+
+def test_no_helper_in_a_frozen_application(monkeypatch):
+    monkeypatch.setattr(sys, "frozen", True, raising=False)
+    assert UMAPProcess.start() is None
