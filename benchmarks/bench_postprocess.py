@@ -294,6 +294,40 @@ def bench_leiden_calls(sizes: list[int], seeds=(1, 2)) -> list[dict]:
     return rows
 
 
+_IGRAPH_BUILD = """
+import itertools, resource, sys, time, numpy as np, igraph
+n, m, how, S = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], 4_000_000
+rng = np.random.default_rng(0)
+row, col = rng.integers(0, n, m), rng.integers(0, n, m)
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+t = time.perf_counter()
+g = igraph.Graph(n=n, directed=False)
+if how == "call-per-slice":
+    for s in range(0, m, S):
+        g.add_edges(np.column_stack([row[s:s + S], col[s:s + S]]).astype(np.int64))
+elif how == "one-call-fed-by-slices":
+    g.add_edges(itertools.chain.from_iterable(zip(row[s:s + S].tolist(), col[s:s + S].tolist()) for s in range(0, m, S)))
+else:
+    g.add_edges(np.column_stack([row, col]))
+print(time.perf_counter() - t, (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024)
+"""
+
+
+def bench_igraph_build(n_edges: list[int], n_nodes: int = 1_000_000) -> list[dict]:
+    """Building igraph's graph from random edges, each way in a fresh process: one ``add_edges`` call per 4M-edge
+    slice (before), one call fed slice by slice (now), one call with the whole int64 array."""
+    rows = []
+    for m in n_edges:
+        for how in ("call-per-slice", "one-call-fed-by-slices", "one-call-whole-array"):
+            out = subprocess.run([PYTHON, "-c", _IGRAPH_BUILD, str(n_nodes), str(m), how], check=True,
+                                 capture_output=True, text=True).stdout.split()
+            row = {"edges": m, "nodes": n_nodes, "how": how, "seconds": float(out[0]), "rss_added_mb": float(out[1])}
+            print(f"  {m:>12,} edges, {how:24s}: {row['seconds']:6.1f} s, peak RSS +{row['rss_added_mb']:.0f} MB",
+                  flush=True)
+            rows.append(row)
+    return rows
+
+
 # --- 3. kNN and quantile normalization: kd-tree against faiss -------------------------------------------
 
 _FAISS: list = []
@@ -511,7 +545,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sections", nargs="+", default=["umap", "leiden", "quantile", "pipeline", "big"],
                         choices=["umap", "umap-start", "umap-scaling", "umap-beside", "leiden", "leiden-iterations",
-                                 "leiden-calls", "quantile", "pipeline", "big"])
+                                 "leiden-calls", "igraph-build", "quantile", "pipeline", "big"])
+    parser.add_argument("--build-edges", nargs="+", type=int, default=[12_000_000, 36_000_000],
+                        help="igraph-build: edge counts (random edges on 1M nodes)")
     parser.add_argument("--call-sizes", nargs="+", type=int, default=[0, 100_000, -200_000],
                         help="leiden-calls: 0 Kang, n synthetic cells, -n Kang resampled to n cells")
     parser.add_argument("--seeds", nargs="+", type=int, default=list(range(1, 11)), help="leiden-iterations seeds")
@@ -548,6 +584,9 @@ def main() -> None:
     if "leiden-calls" in args.sections:
         print("\n2c. The Leiden call: capped at 5 (stops early) against igraph's fixed 5 and until stable")
         results["leiden_calls"] = bench_leiden_calls(args.call_sizes)
+    if "igraph-build" in args.sections:
+        print("\n2d. Building igraph's graph: one add_edges call per slice against one call")
+        results["igraph_build"] = bench_igraph_build(args.build_edges)
     if "quantile" in args.sections:
         print("\n3. kNN and quantile normalization: kd-tree (previous) against faiss")
         results["quantile"] = bench_quantile(args.datasets)
