@@ -20,8 +20,8 @@ from typing import Any
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-from ._errors import InputError
 from ._cores import usable_cores
+from ._errors import InputError
 from ._files import atomic_output, check_output_path, remove_stale_temporaries
 from ._prepared import build_caches
 from ._progress import NullProgress
