@@ -9,9 +9,9 @@ import anndata as ad
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from onlinemf.cli import main
 
 from onlinemf import pipelines
-from onlinemf.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "data" / "kang_pbmc_rliger_tiny.h5ad"

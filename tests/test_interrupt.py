@@ -11,12 +11,12 @@ import sys
 import time
 from pathlib import Path
 
+import _badfiles as B
 import anndata as ad
 import h5py
 import numpy as np
 import pytest
 
-import _badfiles as B
 from onlinemf import load_model
 
 DEMO = B.REPO / "data" / "pbmc_demo.h5ad"
