@@ -181,9 +181,21 @@ def integrate(
     adata = adata.copy() if copy else adata
     outputs = OutputOptions(cluster=cluster, umap=umap, resolution=resolution, seed=seed)
     with umap_helper(outputs, None) as helper:  # UMAP beside Leiden: started now, its imports overlap the fit
-        H, H_norm, clusters, embedding, prepared, est, objective, timings = _factorize_and_embed(
-            sources, rows, adata.n_obs, outputs, helper, k=k, lam=lam, batch_size=batch_size, epochs=epochs,
-            var_thresh=var_thresh, n_genes=n_genes, unshared=unshared, unshared_thresh=unshared_thresh)
+        prepared = prepare(sources, thresh=var_thresh, n_genes=n_genes, cache=None, unshared=list(unshared or ()),
+                           unshared_thresh=unshared_thresh)
+        est = OnlineINMF(n_components=k, lam=lam, batch_size=batch_size, max_epochs=epochs, random_state=seed)
+        est.fit(prepared.sources, unshared={name: g.size for name, g in prepared.unshared.items()})
+        H = np.zeros((adata.n_obs, k), dtype=np.float32)
+        datasets = np.empty(adata.n_obs, dtype=object)
+        objective = 0.0
+        for src, idx in zip(prepared.sources, rows, strict=True):
+            H_i, obj = est.transform_source(src, dataset=src.name, with_objective=True)
+            H[idx] = H_i
+            datasets[idx] = src.name
+            if obj is not None:
+                objective += obj
+        timings: dict[str, float] = {}
+        H_norm, clusters, embedding = align_cluster_embed(H, datasets, outputs, timings, umap_process=helper)
     adata.obsm[names.obsm_h] = H
     adata.obsm[names.obsm_h_norm] = H_norm.astype(np.float32)
     if clusters is not None:
@@ -212,27 +224,6 @@ def integrate(
     if return_model:
         return est
     return adata if copy else None
-
-
-def _factorize_and_embed(sources, rows, n_obs, outputs: OutputOptions, helper, *, k, lam, batch_size, epochs,
-                         var_thresh, n_genes, unshared, unshared_thresh):
-    """Prepare, fit, H of every cell in ``adata``'s row order, then quantile norm, Leiden and UMAP."""
-    prepared = prepare(sources, thresh=var_thresh, n_genes=n_genes, cache=None, unshared=list(unshared or ()),
-                       unshared_thresh=unshared_thresh)
-    est = OnlineINMF(n_components=k, lam=lam, batch_size=batch_size, max_epochs=epochs, random_state=outputs.seed)
-    est.fit(prepared.sources, unshared={name: g.size for name, g in prepared.unshared.items()})
-    H = np.zeros((n_obs, k), dtype=np.float32)
-    datasets = np.empty(n_obs, dtype=object)
-    objective = 0.0
-    for src, idx in zip(prepared.sources, rows, strict=True):
-        H_i, obj = est.transform_source(src, dataset=src.name, with_objective=True)
-        H[idx] = H_i
-        datasets[idx] = src.name
-        if obj is not None:
-            objective += obj
-    timings: dict[str, float] = {}
-    H_norm, clusters, embedding = align_cluster_embed(H, datasets, outputs, timings, umap_process=helper)
-    return H, H_norm, clusters, embedding, prepared, est, objective, timings
 
 
 __all__ = ["integrate"]
